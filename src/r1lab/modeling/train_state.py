@@ -1,0 +1,73 @@
+"""Everything besides the weights that an exact resume needs: optimizer, scheduler, RNG, position.
+
+Trainers save `trainer_state.pt` next to the Hugging Face model files of a checkpoint; restoring it
+and the weights makes the next step bit-identical to the step an uninterrupted run would take (on
+CPU, same thread count), which `tests/integration/test_resume.py` checks.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_train_state(path: Path, optimizer, scheduler, extra: dict[str, Any]) -> None:
+    """Write optimizer/scheduler/RNG state and `extra` (step, data position, ...) into `path`."""
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng_state(),
+        "extra": extra,
+    }
+    torch.save(state, Path(path) / STATE_FILE)
+
+
+def load_train_state(path: Path, optimizer, scheduler) -> dict[str, Any]:
+    """Restore what `save_train_state` wrote; returns its `extra` dict."""
+    state = torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state["scheduler"] is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state["extra"]
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]):
+    """AdamW with weight decay on matrices only (weights and embeddings), not on norms or biases."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+
+
+def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    """LambdaLR: linear warmup, then constant, linear decay or cosine decay to 10% of the peak."""
+    import math
+
+    def factor(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if kind == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if kind == "linear":
+            return 1.0 - 0.9 * progress
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
