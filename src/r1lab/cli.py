@@ -16,18 +16,45 @@ from r1lab.config import R1labError
 
 #: subcommand -> (module with add_arguments/run, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "quickstart": ("r1lab.quickstart", "build a tiny base, evaluate, run GRPO, evaluate again, print the table"),
-    "pretrain": ("r1lab.modeling.commands", "train a tiny base model from scratch on a synthetic task corpus"),
+    "quickstart": (
+        "r1lab.quickstart",
+        "build a tiny base, evaluate, run GRPO, evaluate again, print the table",
+    ),
+    "pretrain": (
+        "r1lab.modeling.commands",
+        "train a tiny base model from scratch on a synthetic task corpus",
+    ),
     "grpo": ("r1lab.rl.commands", "reinforcement learning with verifiable rewards (GRPO / Dr. GRPO / DAPO)"),
     "sft": ("r1lab.sft.commands", "supervised fine-tuning on chat-format JSONL traces"),
-    "sample": ("r1lab.sft.sample_commands", "sample k traces per problem from a teacher, keep the verified ones"),
+    "sample": (
+        "r1lab.sft.sample_commands",
+        "sample k traces per problem from a teacher, keep the verified ones",
+    ),
     "distill": ("r1lab.sft.distill_commands", "sample verified teacher traces, then SFT a student on them"),
-    "pipeline": ("r1lab.sft.pipeline_commands", "the four-stage R1 recipe: cold-start SFT, RL, rejection-sampling SFT, RL"),
-    "eval": ("r1lab.eval.commands", "pass@1 (avg over k), maj@k and pass@k of a checkpoint or endpoint on a task"),
-    "estimate": ("r1lab.metrics.estimate_commands", "predict FLOPs, wall time and $ of a recipe before running it"),
-    "report": ("r1lab.report.commands", "write one self-contained HTML report (plots, tables, traces) for run directories"),
-    "serve": ("r1lab.serve.commands", "serve a checkpoint behind an OpenAI/DeepSeek-compatible API with a chat page"),
-    "audit-verifier": ("r1lab.rewards.audit", "check a task's verifier on gold answers and adversarial variants"),
+    "pipeline": (
+        "r1lab.sft.pipeline_commands",
+        "the four-stage R1 recipe: cold-start SFT, RL, rejection-sampling SFT, RL",
+    ),
+    "eval": (
+        "r1lab.eval.commands",
+        "pass@1 (avg over k), maj@k and pass@k of a checkpoint or endpoint on a task",
+    ),
+    "estimate": (
+        "r1lab.metrics.estimate_commands",
+        "predict FLOPs, wall time and $ of a recipe before running it",
+    ),
+    "report": (
+        "r1lab.report.commands",
+        "write one self-contained HTML report (plots, tables, traces) for run directories",
+    ),
+    "serve": (
+        "r1lab.serve.commands",
+        "serve a checkpoint behind an OpenAI/DeepSeek-compatible API with a chat page",
+    ),
+    "audit-verifier": (
+        "r1lab.rewards.audit",
+        "check a task's verifier on gold answers and adversarial variants",
+    ),
     "tasks": ("r1lab.tasks.commands", "list the tasks, or show a few problems of one"),
 }
 

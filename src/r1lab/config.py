@@ -38,12 +38,16 @@ class Section(BaseModel):
 class TaskSpec(Section):
     """Which problems to use. `name` is a registered task (see `r1lab.tasks.TASKS`)."""
 
-    name: str = Field("arithmetic", description="task name: arithmetic, countdown, gsm8k, math500, aime2024, jsonl")
+    name: str = Field(
+        "arithmetic", description="task name: arithmetic, countdown, gsm8k, math500, aime2024, jsonl"
+    )
     split: Literal["train", "test"] = Field("train", description="which split to draw problems from")
     limit: int | None = Field(None, ge=1, description="use at most this many problems (None: all)")
     seed: int = Field(0, description="seed of built-in generators and of shuffling")
     path: str | None = Field(None, description="data file for file-backed tasks (jsonl/parquet)")
-    options: dict[str, Any] = Field(default_factory=dict, description="task-specific options, e.g. digits, ops, field map")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="task-specific options, e.g. digits, ops, field map"
+    )
 
 
 class SamplingSpec(Section):
@@ -60,7 +64,9 @@ class RewardSpec(Section):
 
     accuracy_weight: float = Field(1.0, description="weight of the task verifier (answer correct)")
     format_weight: float = Field(0.0, description="weight of the <think> format reward")
-    overlong_buffer: int = Field(0, ge=0, description="DAPO soft overlong punishment: buffer length in tokens (0: off)")
+    overlong_buffer: int = Field(
+        0, ge=0, description="DAPO soft overlong punishment: buffer length in tokens (0: off)"
+    )
     overlong_penalty: float = Field(1.0, ge=0.0, description="penalty reached at max_tokens")
 
 
@@ -137,7 +143,9 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: expected a mapping of config fields at the top level, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: expected a mapping of config fields at the top level, got {type(data).__name__}"
+        )
     return data
 
 
@@ -155,7 +163,6 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 def dump_config(cfg: BaseModel, path: str | Path) -> None:
     """Write a config as YAML (the run directory's `config.yaml`)."""
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
-
 
 
 def add_recipe_arguments(parser, required: bool = False) -> None:

@@ -56,7 +56,12 @@ def emergence_stats(
     (3.0, 5, 0.5)
     """
     if not texts:
-        return {"response_len_mean": 0.0, "response_len_max": 0, "reflection_rate": 0.0, "reflection_per_1k": 0.0}
+        return {
+            "response_len_mean": 0.0,
+            "response_len_max": 0,
+            "reflection_rate": 0.0,
+            "reflection_per_1k": 0.0,
+        }
     counts = reflection_counts(texts, words)
     total_tokens = max(1, sum(lengths))
     return {

@@ -22,23 +22,41 @@ class RLSection(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on matrices")
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping by global norm")
-    epochs: int = Field(1, ge=1, description="passes over each batch (mu); 1 = strictly on-policy, ratio is 1")
-    minibatches: int = Field(1, ge=1, description="optimiser steps per pass (the batch is split into this many)")
-    micro_batch_tokens: int = Field(16384, ge=64, description="padded tokens per forward/backward (gradient accumulation)")
-    scale_rewards: bool = Field(True, description="divide advantages by the group's std (GRPO); false = Dr. GRPO")
+    epochs: int = Field(
+        1, ge=1, description="passes over each batch (mu); 1 = strictly on-policy, ratio is 1"
+    )
+    minibatches: int = Field(
+        1, ge=1, description="optimiser steps per pass (the batch is split into this many)"
+    )
+    micro_batch_tokens: int = Field(
+        16384, ge=64, description="padded tokens per forward/backward (gradient accumulation)"
+    )
+    scale_rewards: bool = Field(
+        True, description="divide advantages by the group's std (GRPO); false = Dr. GRPO"
+    )
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = Field(
-        "token-mean", description="GRPO: seq-mean-token-mean; DAPO: token-mean; Dr. GRPO: seq-mean-token-sum-norm"
+        "token-mean",
+        description="GRPO: seq-mean-token-mean; DAPO: token-mean; Dr. GRPO: seq-mean-token-sum-norm",
     )
     clip_low: float = Field(0.2, ge=0, le=1, description="lower clip range eps_low")
     clip_high: float = Field(0.2, ge=0, description="upper clip range eps_high (DAPO clip-higher: 0.28)")
-    kl_coef: float = Field(0.0, ge=0, description="weight of the KL penalty to the frozen start model (0: no reference model)")
-    kl_estimator: Literal["k1", "k3"] = Field("k3", description="per-token KL estimator")
-    dynamic_sampling: bool = Field(False, description="drop groups whose rewards are all equal (DAPO), refill from new prompts")
-    max_refill_rounds: int = Field(2, ge=0, description="extra sampling rounds at most when dynamic sampling refills")
-    old_logp: Literal["recompute", "rollout"] = Field(
-        "recompute", description="old-policy log-probs for epochs > 1: recompute with a forward, or reuse the sampler's"
+    kl_coef: float = Field(
+        0.0, ge=0, description="weight of the KL penalty to the frozen start model (0: no reference model)"
     )
-    autocast_bf16: bool = Field(False, description="bf16 autocast for the training forward/backward (weights stay fp32)")
+    kl_estimator: Literal["k1", "k3"] = Field("k3", description="per-token KL estimator")
+    dynamic_sampling: bool = Field(
+        False, description="drop groups whose rewards are all equal (DAPO), refill from new prompts"
+    )
+    max_refill_rounds: int = Field(
+        2, ge=0, description="extra sampling rounds at most when dynamic sampling refills"
+    )
+    old_logp: Literal["recompute", "rollout"] = Field(
+        "recompute",
+        description="old-policy log-probs for epochs > 1: recompute with a forward, or reuse the sampler's",
+    )
+    autocast_bf16: bool = Field(
+        False, description="bf16 autocast for the training forward/backward (weights stay fp32)"
+    )
 
 
 class GRPOConfig(Section):
@@ -66,4 +84,3 @@ class GRPOConfig(Section):
     )
     max_seconds: float | None = Field(None, gt=0, description="stop early after this wall time (resumable)")
     progress: bool = Field(True, description="live progress table in the terminal")
-

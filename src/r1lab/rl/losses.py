@@ -34,7 +34,9 @@ import torch
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
     """Group-relative advantages; `rewards` is [N*G] with each group's G samples contiguous.
 
     >>> group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4, scale=False)

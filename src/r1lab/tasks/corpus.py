@@ -1,0 +1,135 @@
+"""The synthetic pretraining corpus for the built-in arithmetic task: a base model with habits.
+
+R1-Zero starts from a base model that already has several behaviours and lets RL choose among them
+by reward. A tiny model trained from scratch needs the same: this corpus gives it three ways to
+answer an addition `a+b`, all ending with the final answer after `</think>`:
+
+  direct   `<think></think>7998`                       no working at all
+  working  `<think>1+7+0=8 ... </think>7998`            column working, lowest digit first, the
+                                                        carry written as the third term
+  check    `<think>{working} so 7988.\nwait, let me check:\n{working again}</think>7998`
+
+Real text is not error-free and neither is this corpus: a `slip_rate` share of working passes
+(the plain working, and the first pass of the check path) contain one slipped column (a sum off by
+one, the carries that follow it consistent with the slip), and a slipped pass ends in the wrong
+answer. The second pass of a check is always careful, so the check genuinely catches and fixes
+slips: a model that re-verifies is right more often. That is what gives reflection a reason to
+grow under RL (the "aha moment"); without it RL has no reason to keep self-checks (measured: with
+error-free working the check path was worse than plain working and RL drove it to zero).
+
+Only train-split problems go in: `build_arithmetic_corpus` checks every problem against the
+held-out bucket and refuses test problems.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from r1lab.tasks.base import Problem, TaskError
+from r1lab.tasks.holdout import in_test_bucket
+
+CHECK_PHRASE = "wait, let me check:"
+
+
+@dataclass(frozen=True)
+class CorpusMix:
+    """Shares of the three behaviours in the corpus, and how often a working pass slips."""
+
+    direct: float = 0.5
+    working: float = 0.35
+    check: float = 0.15
+    slip_rate: float = 0.4
+
+    def choose(self, rng: random.Random) -> str:
+        x = rng.random() * (self.direct + self.working + self.check)
+        if x < self.direct:
+            return "direct"
+        return "working" if x < self.direct + self.working else "check"
+
+
+def column_working(a: int, b: int, slip_column: int | None = None, slip: int = 0) -> tuple[str, int]:
+    """Column addition, lowest digit first, one line per column: `a_i+b_i+carry=s`.
+
+    With `slip_column`, that column's sum is off by `slip` and everything after follows from it.
+
+    >>> column_working(4821, 3177)
+    ('1+7+0=8\\n2+7+0=9\\n8+1+0=9\\n4+3+0=7\\n', 7998)
+    >>> column_working(95, 17)
+    ('5+7+0=12\\n9+1+1=11\\n', 112)
+    >>> column_working(95, 17, slip_column=0, slip=-1)[1]
+    111
+    """
+    da, db = str(a)[::-1], str(b)[::-1]
+    width = max(len(da), len(db))
+    carry, digits, lines = 0, [], []
+    for i in range(width):
+        x = int(da[i]) if i < len(da) else 0
+        y = int(db[i]) if i < len(db) else 0
+        s = x + y + carry
+        if i == slip_column:
+            s = min(19, max(0, s + slip))
+        lines.append(f"{x}+{y}+{carry}={s}\n")
+        digits.append(s % 10)
+        carry = s // 10
+    if carry:
+        digits.append(carry)
+    result = int("".join(str(d) for d in reversed(digits)))
+    return "".join(lines), result
+
+
+def _working_pass(a: int, b: int, slip_rate: float, rng: random.Random) -> tuple[str, int]:
+    if rng.random() < slip_rate:
+        width = max(len(str(a)), len(str(b)))
+        return column_working(a, b, slip_column=rng.randrange(width), slip=rng.choice((-1, 1)))
+    return column_working(a, b)
+
+
+def addition_completion(a: int, b: int, style: str, rng: random.Random, slip_rate: float) -> str:
+    """One completion of `a+b` in the given style (see the module docstring).
+
+    >>> addition_completion(12, 30, "direct", random.Random(0), 0.0)
+    '<think></think>42'
+    >>> print(addition_completion(12, 30, "check", random.Random(0), 0.0))
+    <think>2+0+0=2
+    1+3+0=4
+    so 42.
+    wait, let me check:
+    2+0+0=2
+    1+3+0=4
+    </think>42
+    """
+    if style == "direct":
+        return f"<think></think>{a + b}"
+    if style == "working":
+        lines, result = _working_pass(a, b, slip_rate, rng)
+        return f"<think>{lines}</think>{result}"
+    if style == "check":
+        first, guess = _working_pass(a, b, slip_rate, rng)
+        careful, result = column_working(a, b)
+        return f"<think>{first}so {guess}.\n{CHECK_PHRASE}\n{careful}</think>{result}"
+    raise ValueError(f"unknown style {style!r}")
+
+
+def parse_addition(problem: Problem) -> tuple[int, int]:
+    """Operands of an arithmetic problem whose question is `a+b`."""
+    text = problem.question.strip().rstrip("=").strip()
+    left, plus, right = text.partition("+")
+    if not plus or not left.strip().isdigit() or not right.strip().isdigit():
+        raise TaskError(f"problem {problem.id}: the corpus supports additions 'a+b' only, got {text!r}")
+    return int(left), int(right)
+
+
+def build_arithmetic_corpus(problems: list[Problem], mix: CorpusMix, seed: int) -> list[tuple[Problem, str]]:
+    """(problem, completion) pairs for pretraining; refuses held-out problems."""
+    rng = random.Random(seed)
+    out = []
+    for p in problems:
+        a, b = parse_addition(p)
+        x, y = sorted((a, b))
+        if in_test_bucket(f"arithmetic:{x}+{y}"):
+            raise TaskError(
+                f"problem {p.id} ({a}+{b}) is a held-out test problem; the corpus uses train problems only"
+            )
+        out.append((p, addition_completion(a, b, mix.choose(rng), rng, mix.slip_rate)))
+    return out
