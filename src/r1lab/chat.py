@@ -10,13 +10,17 @@ Splitting (`split_think`):
   * `<think>` never closed: the completion is all reasoning and has no answer text (the answer must
     be outside the think block; an answer hidden inside it does not count).
   * no tags at all: no reasoning; the whole completion is answer text.
+  * a `<think>` re-opened after the last `</think>` starts a new, unclosed think block: the answer
+    text stops there.
 
 Extraction (`extract_answer`), on the answer text only, first rule that finds something wins:
-  1. the last complete `<answer> ... </answer>` pair;
+  1. `<answer> ... </answer>` pairs (a box inside is unwrapped); if complete pairs hold *different*
+     answers the result is ambiguous and no answer is extracted;
   2. `\\boxed{...}` (or `\\fbox{...}`), outermost only, braces balanced; if several boxes hold
      *different* answers the result is ambiguous and no answer is extracted;
-  3. an explicit final phrase on a line: "final answer is", "the answer is", "answer:" or "####";
-     the last such phrase, up to the end of its line;
+  3. an explicit final phrase on a line: "final answer is", "the answer is", "answer:" or "####"
+     (ASCII case-insensitive); the last such phrase, up to the end of its line, without the `$`
+     and markdown `*` around it and without a trailing period;
   4. the last non-empty line, if it is short (at most `MAX_ANSWER_CHARS`).
 An extracted answer longer than `MAX_ANSWER_CHARS` is rejected (None): no verifier should spend
 seconds parsing a megabyte of "answer". Everything is plain string scanning: linear time, no regex
@@ -44,6 +48,9 @@ R1_SYSTEM_PROMPT = (
 
 _PHRASES = ("final answer is", "the answer is", "answer:", "####")
 _BOX_OPENERS = ("\\boxed{", "\\fbox{")
+# Lower-casing with str.lower() can change a string's length ("İ" becomes two characters), which
+# would shift every index found in the lowered copy; this table lowers ASCII letters only.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def r1_messages(question: str, system: bool = True) -> list[dict[str, str]]:
@@ -80,6 +87,8 @@ def split_think(text: str, think_in_prompt: bool = False) -> tuple[str, str, boo
     ('never closed 4', '', False)
     >>> split_think("just 4")
     ('', 'just 4', False)
+    >>> split_think("<think>a</think> 4 <think>on second thought 5")
+    ('a', ' 4 ', False)
     """
     n_open = text.count(THINK_OPEN)
     close = text.rfind(THINK_CLOSE)
@@ -92,7 +101,10 @@ def split_think(text: str, think_in_prompt: bool = False) -> tuple[str, str, boo
     first_open = text.find(THINK_OPEN)
     start = first_open + len(THINK_OPEN) if 0 <= first_open < close else 0
     reasoning = text[start:close]
-    answer_text = text[close + len(THINK_CLOSE):]
+    answer_text = text[close + len(THINK_CLOSE) :]
+    reopened = answer_text.find(THINK_OPEN)
+    if reopened >= 0:  # an unclosed think block after the answer: what follows is not answer text
+        answer_text = answer_text[:reopened]
     expected_open = 0 if think_in_prompt else 1
     opens_at_start = think_in_prompt or text.lstrip().startswith(THINK_OPEN)
     well_formed = (
@@ -105,7 +117,11 @@ def split_think(text: str, think_in_prompt: bool = False) -> tuple[str, str, boo
 
 
 def _boxed_contents(text: str) -> list[str]:
-    """Contents of the outermost `\\boxed{...}`/`\\fbox{...}` groups, in order; one linear pass."""
+    """Contents of the outermost `\\boxed{...}`/`\\fbox{...}` groups, in order; one linear pass.
+
+    >>> _boxed_contents("\\\\boxed{\\\\frac{1}{2}} and \\\\fbox{3}")
+    ['\\\\frac{1}{2}', '3']
+    """
     starts: set[int] = set()  # index of the '{' that opens a box
     for opener in _BOX_OPENERS:
         i = text.find(opener)
@@ -115,33 +131,50 @@ def _boxed_contents(text: str) -> list[str]:
     if not starts:
         return []
     out: list[str] = []
-    stack: list[int] = []
+    depth = 0
     open_box = -1  # position of the '{' of the box we are inside, -1 if none
-    for i, ch in enumerate(text):
-        if ch == "{":
-            stack.append(i)
+    box_depth = 0  # brace depth just inside that box
+    # Visit only the braces (str.find is C-speed), not every character of a megabyte completion.
+    i = _next_brace(text, 0)
+    while i >= 0:
+        if text[i] == "{":
+            depth += 1
             if open_box < 0 and i in starts:
-                open_box = i
-        elif ch == "}" and stack:
-            j = stack.pop()
-            if j == open_box:
-                out.append(text[j + 1 : i])
+                open_box, box_depth = i, depth
+        elif depth > 0:
+            if open_box >= 0 and depth == box_depth:
+                out.append(text[open_box + 1 : i])
                 open_box = -1
+            depth -= 1
+        i = _next_brace(text, i + 1)
     return out
 
 
-def _last_tag(text: str, open_tag: str, close_tag: str) -> str | None:
-    end = text.rfind(close_tag)
-    if end < 0:
-        return None
-    start = text.rfind(open_tag, 0, end)
-    if start < 0:
-        return None
-    return text[start + len(open_tag) : end]
+def _next_brace(text: str, start: int) -> int:
+    """Index of the next '{' or '}' at or after `start`, -1 if none."""
+    a, b = text.find("{", start), text.find("}", start)
+    if a < 0:
+        return b
+    return a if b < 0 or a < b else b
+
+
+def _tag_contents(text: str, open_tag: str, close_tag: str) -> list[str]:
+    """Contents of the complete `open_tag ... close_tag` pairs, in order (non-nested, linear)."""
+    out: list[str] = []
+    start = text.find(open_tag)
+    while start >= 0:
+        end = text.find(close_tag, start + len(open_tag))
+        if end < 0:
+            break
+        # A later opener before this closer means the earlier one was never closed.
+        inner_start = text.rfind(open_tag, start, end) + len(open_tag)
+        out.append(text[inner_start:end])
+        start = text.find(open_tag, end + len(close_tag))
+    return out
 
 
 def _phrase_answer(text: str) -> str | None:
-    lower = text.lower()
+    lower = text.translate(_ASCII_LOWER)
     best, best_len = -1, 0
     for phrase in _PHRASES:
         i = lower.rfind(phrase)
@@ -152,11 +185,17 @@ def _phrase_answer(text: str) -> str | None:
     rest = text[best + best_len :]
     line_end = rest.find("\n")
     line = rest if line_end < 0 else rest[:line_end]
-    return line.strip().rstrip(".").strip().strip("$").strip() or None
+    return line.strip().strip("*").strip().rstrip(".").strip().strip("$").strip() or None
 
 
 def _normalise(ans: str) -> str:
     return " ".join(ans.split())
+
+
+def _single(candidates: list[str]) -> str | None:
+    """The one answer the candidates agree on (whitespace aside), or None if they disagree."""
+    distinct = {_normalise(c) for c in candidates}
+    return candidates[-1].strip() if len(distinct) == 1 else None
 
 
 def extract_answer(answer_text: str) -> tuple[str | None, str]:
@@ -170,20 +209,25 @@ def extract_answer(answer_text: str) -> tuple[str | None, str]:
     ('72', 'phrase')
     >>> extract_answer("\\n7301\\n")
     ('7301', 'last_line')
+    >>> extract_answer("<answer> (1 + 2) * 3 </answer>")
+    ('(1 + 2) * 3', 'answer_tag')
     """
-    tagged = _last_tag(answer_text, ANSWER_OPEN, ANSWER_CLOSE)
-    if tagged is not None:
-        ans, source = tagged.strip(), "answer_tag"
+    tagged = _tag_contents(answer_text, ANSWER_OPEN, ANSWER_CLOSE)
+    if tagged:
+        ans, source = _single(tagged), "answer_tag"
+        if ans is None:
+            return None, "ambiguous"
         boxed_inside = _boxed_contents(ans)
-        if len({_normalise(b) for b in boxed_inside}) == 1:
-            ans = boxed_inside[0].strip()
+        if boxed_inside:
+            ans = _single(boxed_inside)
+            if ans is None:
+                return None, "ambiguous"
     else:
         boxes = _boxed_contents(answer_text)
         if boxes:
-            distinct = {_normalise(b) for b in boxes}
-            if len(distinct) > 1:
+            ans, source = _single(boxes), "boxed"
+            if ans is None:
                 return None, "ambiguous"
-            ans, source = boxes[-1].strip(), "boxed"
         else:
             phrase = _phrase_answer(answer_text)
             if phrase is not None:
