@@ -59,4 +59,4 @@ def parse_options(task: str, cls: type[OptionsT], raw: dict[str, Any]) -> Option
 
 def option_defaults(cls: type[Options]) -> dict[str, Any]:
     """`{option: default}` for listing a task's options (`r1lab tasks`)."""
-    return {name: f.default for name, f in cls.model_fields.items()}
+    return {name: f.get_default(call_default_factory=True) for name, f in cls.model_fields.items()}
