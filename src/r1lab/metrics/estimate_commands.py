@@ -1,0 +1,396 @@
+"""`r1lab estimate RECIPE [key=value ...]`: FLOPs, wall time and dollars of a recipe, before running it.
+
+    r1lab estimate recipes/grpo-tiny.yaml                       here vs an H100 at MFU 0.4
+    r1lab estimate recipes/grpo-tiny.yaml --gpu A100 --gpus 8 --price-per-hour 1.5
+    r1lab estimate recipes/eval-gsm8k-qwen.yaml --run-dir runs/eval-gsm8k   (writes estimate.json)
+
+What the recipe is decides what is counted (see `r1lab.metrics.cost` for the FLOP model):
+
+* GRPO (`rl:` section or `stage: grpo`; fields of `r1lab.rl.config.GRPOConfig`): `rl.steps` x
+  `rl.prompts_per_step` x `rl.group_size` completions, trained on for `rl.epochs` passes, plus a
+  reference forward when `rl.kl_coef > 0`, an old-policy forward when `rl.epochs > 1` and
+  `rl.old_logp: recompute`, and the held-out evaluations (`eval_problems` x `eval_k`, every
+  `eval_every` steps or once at the end).
+* Evaluation (`tasks:` or `stage: eval`; `r1lab.eval.config.EvalConfig`): problems x k completions.
+* SFT (`sft:` or `stage: sft`), from this minimal set of keys until the SFT stage's config lands:
+  `model`, `data` (or `data.path`, `sft.data`: a chat JSONL) or `sft.tokens`, `sft.epochs`.
+
+Completions are counted at `sampling.max_tokens` each (an upper bound: every completion runs to the
+limit) unless `--fill` says what fraction of it they use on average. The model's size comes from
+the checkpoint's safetensors headers (or a tiny preset's config), or `--params`. Prompt length is
+measured with the model's tokenizer on up to 64 of the task's problems, or `--prompt-tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from r1lab.config import R1labError, add_recipe_arguments, read_yaml, recipe_and_overrides
+from r1lab.metrics import cost
+
+PROMPT_SAMPLE = 64  # problems tokenised to measure the mean prompt length
+
+
+class EstimateError(R1labError):
+    """A recipe whose cost cannot be estimated (unknown kind, model size unknown)."""
+
+
+def add_arguments(parser) -> None:
+    add_recipe_arguments(parser, required=True)
+    parser.add_argument(
+        "--gpu", default="H100", help=f"GPU to price: {', '.join(cost.GPU_SPECS)} (default H100)"
+    )
+    parser.add_argument("--gpus", type=int, default=1, help="number of GPUs (ideal scaling)")
+    parser.add_argument("--mfu", type=float, default=cost.DEFAULT_MFU, help="training MFU on the GPU")
+    parser.add_argument(
+        "--gen-mfu", type=float, default=cost.DEFAULT_GEN_MFU, help="generation MFU on the GPU"
+    )
+    parser.add_argument(
+        "--price-per-hour", type=float, default=None, help="US$ per GPU-hour (default: typical)"
+    )
+    parser.add_argument(
+        "--local-price-per-hour", type=float, default=0.0, help="US$ per hour of this machine"
+    )
+    parser.add_argument(
+        "--params", type=float, default=None, help="model parameters (default: from the checkpoint)"
+    )
+    parser.add_argument(
+        "--prompt-tokens", type=float, default=None, help="mean prompt tokens (default: measured)"
+    )
+    parser.add_argument(
+        "--fill", type=float, default=1.0, help="mean completion length / max_tokens (default 1)"
+    )
+    parser.add_argument(
+        "--peak", type=float, default=None, help="this machine's matmul FLOP/s (default: measured)"
+    )
+    parser.add_argument("--seconds", type=float, default=2.0, help="time spent measuring the matmul peak")
+    parser.add_argument("--run-dir", default=None, help="write estimate.json into this run directory")
+
+
+# --------------------------------------------------------------------------- recipe facts
+
+
+def recipe_kind(data: dict, where: str) -> str:
+    """grpo, eval or sft, from an explicit `stage:` key or the sections present.
+
+    >>> recipe_kind({"model": "m", "rl": {"steps": 3}}, "r.yaml"), recipe_kind({"stage": "eval"}, "r.yaml")
+    ('grpo', 'eval')
+    """
+    stage = data.get("stage")
+    if stage in ("grpo", "eval", "sft"):
+        return stage
+    for key, kind in (("rl", "grpo"), ("tasks", "eval"), ("sft", "sft")):
+        if key in data:
+            return kind
+    raise EstimateError(
+        f"{where}: cannot tell the recipe's kind: add 'stage: grpo|eval|sft' or an rl/tasks/sft section"
+    )
+
+
+def model_params(model: str | None, override: float | None, where: str) -> float:
+    """Parameter count: `--params`, a checkpoint's safetensors headers, or a tiny preset's config."""
+    if override is not None:
+        return override
+    if model:
+        path = Path(model)
+        if path.is_dir():
+            n = cost.count_checkpoint_params(path)
+            if n is not None:
+                return float(n)
+        elif "/" not in model:  # preset names have no slash; skip importing transformers for paths
+            from r1lab.modeling import PRESETS
+
+            if model in PRESETS:
+                return float(_preset_params(model))
+    raise EstimateError(
+        f"{where}: model {model!r}: no checkpoint with safetensors weights there; pass --params N"
+    )
+
+
+def _preset_params(name: str) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from r1lab.modeling import build_char_tokenizer, preset_config
+
+    with torch.device("meta"):  # shapes only, no memory
+        net = AutoModelForCausalLM.from_config(preset_config(name, build_char_tokenizer()))
+    return sum(p.numel() for p in net.parameters())
+
+
+def _tokenizer_of(model: str | None):
+    """The tokenizer of a checkpoint directory, the character tokenizer of a tiny preset, or None."""
+    if not model:
+        return None
+    if (Path(model) / "config.json").is_file():
+        from r1lab.modeling import load_tokenizer
+
+        return load_tokenizer(model)
+    from r1lab.modeling import PRESETS, build_char_tokenizer
+
+    return build_char_tokenizer() if model in PRESETS else None
+
+
+def _ids(rendered) -> list[int]:
+    """Token ids from apply_chat_template, which returns a list or (transformers 5) a BatchEncoding."""
+    return rendered["input_ids"] if hasattr(rendered, "keys") else rendered
+
+
+def prompt_tokens(model: str | None, task_spec, override: float | None) -> tuple[float, str]:
+    """Mean prompt length in tokens, and how it was obtained."""
+    if override is not None:
+        return override, "given"
+    from r1lab.tasks import load_task
+
+    problems = load_task(task_spec.model_copy(update={"limit": PROMPT_SAMPLE}))[:PROMPT_SAMPLE]
+    if not problems:
+        raise EstimateError(f"task {task_spec.name!r} has no problems")
+    tok = _tokenizer_of(model)
+    if tok is not None and tok.chat_template:
+        lengths = [
+            len(_ids(tok.apply_chat_template(p.messages, add_generation_prompt=True))) for p in problems
+        ]
+        return sum(lengths) / len(lengths), f"measured on {len(problems)} problems"
+    chars = sum(sum(len(m["content"]) for m in p.messages) for p in problems) / len(problems)
+    return chars / 4, f"~chars/4 on {len(problems)} problems (no tokenizer with a chat template)"
+
+
+# --------------------------------------------------------------------------- workloads per kind
+
+
+def grpo_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, dict]:
+    from r1lab.config import load_config
+    from r1lab.rl.config import GRPOConfig
+
+    cfg = load_config(GRPOConfig, recipe, overrides)
+    n = model_params(cfg.model, args.params, recipe)
+    ptok, how = prompt_tokens(cfg.model, cfg.task, args.prompt_tokens)
+    ctok = cfg.sampling.max_tokens * args.fill
+    rl = cfg.rl
+    work = cost.grpo_workload(
+        n, rl.steps, rl.prompts_per_step, rl.group_size, ptok, ctok, epochs=rl.epochs,
+        reference=rl.kl_coef > 0, recompute_old_logp=rl.old_logp == "recompute",
+    )  # fmt: skip
+    n_evals = max(1, rl.steps // cfg.eval_every) if cfg.eval_every else 1
+    work = work + cost.eval_workload(n, cfg.eval_problems * n_evals, cfg.eval_k, ptok, ctok)
+    dtypes = {"gen": cfg.engine_dtype, "train": "bfloat16" if rl.autocast_bf16 else "float32"}
+    facts = {"kind": "grpo", "model": cfg.model, "prompt_tokens": ptok, "prompt_tokens_source": how,
+             "completion_tokens": ctok, "evaluations": n_evals, "dtypes": dtypes}  # fmt: skip
+    return work, facts
+
+
+def eval_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, dict]:
+    from r1lab.config import load_config
+    from r1lab.eval.config import EvalConfig
+    from r1lab.tasks import load_task
+
+    cfg = load_config(EvalConfig, recipe, overrides)
+    n = model_params(cfg.model.path, args.params, recipe)
+    ctok = cfg.sampling.max_tokens * args.fill
+    work = cost.Workload(n)
+    counts = []
+    for spec in cfg.tasks:
+        if cfg.limit is not None:
+            spec = spec.model_copy(update={"limit": min(cfg.limit, spec.limit or cfg.limit)})
+        problems = len(load_task(spec))
+        ptok, how = prompt_tokens(cfg.model.path, spec, args.prompt_tokens)
+        work = work + cost.eval_workload(n, problems, cfg.k, ptok, ctok)
+        counts.append(
+            {"task": spec.name, "problems": problems, "prompt_tokens": ptok, "prompt_tokens_source": how}
+        )
+    facts = {"kind": "eval", "model": cfg.model.describe(), "k": cfg.k, "tasks": counts,
+             "completion_tokens": ctok, "dtypes": {"gen": cfg.model.dtype}}  # fmt: skip
+    return work, facts
+
+
+def _jsonl_chars(path: Path) -> int:
+    """Characters of every message's content in a chat JSONL (what SFT trains on)."""
+    total = 0
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise EstimateError(f"{path}:{i}: not JSON") from None
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(msgs, list):
+                raise EstimateError(f"{path}:{i}: field 'messages': expected a list of chat messages")
+            total += sum(len(str(m.get("content", ""))) for m in msgs if isinstance(m, dict))
+    return total
+
+
+def sft_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, dict]:
+    from r1lab.config import parse_override
+
+    data = read_yaml(recipe)
+    for ov in overrides:
+        keys, value = parse_override(ov)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise EstimateError(f"{recipe} (override {ov!r}): '{k}' is not a section")
+        node[keys[-1]] = value
+    sft = data.get("sft") or {}
+    n = model_params(data.get("model"), args.params, recipe)
+    epochs = int(sft.get("epochs", 1))
+    tokens = sft.get("tokens")
+    how = "given (sft.tokens)"
+    if tokens is None:
+        source = data.get("data")
+        source = source.get("path") if isinstance(source, dict) else source
+        source = source or sft.get("data")
+        if not source or not Path(source).is_file():
+            raise EstimateError(
+                f"{recipe}: field 'data': need a chat JSONL file (or sft.tokens) to count tokens"
+            )
+        tokens, how = _jsonl_chars(Path(source)) / 4, f"~chars/4 of {source}"
+    work = cost.sft_workload(n, float(tokens), epochs)
+    return work, {"kind": "sft", "model": data.get("model"), "tokens": tokens, "tokens_source": how, "epochs": epochs,
+                  "dtypes": {"train": "float32"}}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def estimate_recipe(recipe: str, overrides: list[str], args) -> dict:
+    """The estimate of a recipe as a JSON-ready dict (what `estimate.json` holds)."""
+    kind = recipe_kind(read_yaml(recipe), recipe)
+    work, facts = {"grpo": grpo_work, "eval": eval_work, "sft": sft_work}[kind](recipe, overrides, args)
+    try:
+        gpu = cost.gpu_spec(args.gpu)
+    except KeyError as e:
+        raise EstimateError(f"--gpu: {e.args[0]}") from None
+    if args.gpus < 1 or not 0 < args.fill <= 1:
+        raise EstimateError("--gpus must be >= 1 and --fill in (0, 1]")
+    measured: dict[str, float] = {}  # dtype -> FLOP/s, each dtype measured once
+    peaks = {}
+    for phase, dtype in facts["dtypes"].items():
+        if args.peak is None and dtype not in measured:
+            measured[dtype] = cost.measure_matmul_peak(dtype, args.seconds)
+        peaks[phase] = args.peak if args.peak is not None else measured[dtype]
+    try:
+        out = cost.estimate(
+            work, peaks.get("gen") or peaks["train"], gpu, mfu=args.mfu, gen_mfu=args.gen_mfu, price_per_hour=args.price_per_hour,
+            n_gpus=args.gpus, local_price_per_hour=args.local_price_per_hour, here_train_peak=peaks.get("train"),
+        )  # fmt: skip
+    except ValueError as e:
+        raise EstimateError(str(e)) from None
+    out.update(recipe=str(recipe), **facts)
+    return out
+
+
+def _si(x: float | None, unit: str = "") -> str:
+    """Human-readable magnitude.
+
+    >>> _si(3.2e15, "FLOP"), _si(1234.0), _si(None)
+    ('3.20 PFLOP', '1.23 k', '-')
+    """
+    if x is None:
+        return "-"
+    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.2f} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as the largest sensible unit.
+
+    >>> duration(42.0), duration(5400.0), duration(3 * 86400.0)
+    ('42.0 s', '90.0 min', '3.00 days')
+    """
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 86400:.2f} days"
+
+
+def dollars(x: float | None) -> str:
+    """Dollars, with significant digits kept for fractions of a cent.
+
+    >>> dollars(1234.5), dollars(0.0), dollars(0.000123)
+    ('$1,234.50', '$0.00', '$0.000123')
+    """
+    if x is None:
+        return "-"
+    return f"${x:,.2f}" if x >= 0.01 or x == 0 else f"${x:.3g}"
+
+
+def table_rows(est: dict) -> list[tuple[str, str, str]]:
+    """(quantity, here, on the GPU) rows of the printed table."""
+    w, here, gpu = est["workload"], est["here"], est["gpu"]
+    same = lambda text: (text, text)  # noqa: E731  (a fact that does not depend on the machine)
+    rows = [
+        ("parameters", *same(_si(w["n_params"]))),
+        ("tokens generated", *same(_si(w["gen_tokens"]))),
+        ("prompt tokens read by the sampler", *same(_si(w["prefill_tokens"]))),
+        ("tokens trained (x epochs)", *same(_si(w["train_tokens"]))),
+        ("extra forward tokens (ref / old policy)", *same(_si(w["extra_forward_tokens"]))),
+        ("FLOPs generation", *same(_si(est["flops"]["generation"], "FLOP"))),
+        ("FLOPs training", *same(_si(est["flops"]["training"], "FLOP"))),
+        ("FLOPs total", *same(_si(est["flops"]["total"], "FLOP"))),
+        ("peak FLOP/s", _si(here["peak_flops"], "FLOP/s"), _si(gpu["peak_flops"] * gpu["n_gpus"], "FLOP/s")),
+        ("utilisation gen / train", f"{here['gen_fraction']:.2f} / {here['train_fraction']:.2f}",
+         f"{gpu['gen_mfu']:.2f} / {gpu['mfu']:.2f}"),
+        ("wall time generation", duration(here["gen_seconds"]), duration(gpu["gen_seconds"])),
+        ("wall time training", duration(here["train_seconds"]), duration(gpu["train_seconds"])),
+        ("wall time total", duration(here["seconds"]), duration(gpu["seconds"])),
+        ("price per hour", dollars(here["price_per_hour"]), dollars(gpu["price_per_hour"])),
+        ("cost", dollars(here["dollars"]), dollars(gpu["dollars"])),
+        ("$ / M generated tokens", dollars(here["dollars_per_million_generated"]),
+         dollars(gpu["dollars_per_million_generated"])),
+    ]  # fmt: skip
+    return rows
+
+
+def print_estimate(est: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    gpu = est["gpu"]
+    table = Table(title=f"r1lab estimate: {est['recipe']} ({est['kind']}, model {est['model']})")
+    table.add_column("")
+    table.add_column("here (measured peak)", justify="right")
+    table.add_column(f"{gpu['n_gpus']} x {gpu['gpu']}", justify="right")
+    for row in table_rows(est):
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    notes = (
+        [f"completions counted at {est['completion_tokens']:.0f} tokens"]
+        if "completion_tokens" in est
+        else []
+    )
+    if "prompt_tokens" in est:
+        notes.append(f"prompts {est['prompt_tokens']:.0f} tokens ({est['prompt_tokens_source']})")
+    if notes:
+        console.print("; ".join(notes))
+
+
+def write_estimate(est: dict, run_dir: str | Path) -> Path:
+    """Write `estimate.json` into a run directory (the report shows it next to the actual cost)."""
+    out = Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "estimate.json"
+    path.write_text(json.dumps(est, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def run(args) -> int:
+    recipe, overrides = recipe_and_overrides(args)
+    if recipe is None:
+        raise EstimateError("a recipe file is required, e.g. r1lab estimate recipes/grpo-tiny.yaml")
+    est = estimate_recipe(recipe, overrides, args)
+    print_estimate(est)
+    if args.run_dir:
+        print(f"wrote {write_estimate(est, args.run_dir)}")
+    return 0
