@@ -16,10 +16,10 @@ def test_grpo_workload_counts_every_kind_of_token():
     w = cost.grpo_workload(2e6, steps=5, prompts_per_step=4, group_size=8, prompt_tokens=30, completion_tokens=70,
                            epochs=2, reference=True, recompute_old_logp=True)  # fmt: skip
     seqs = 5 * 4 * 8
-    assert w.gen_tokens == seqs * 70 and w.prefill_tokens == seqs * 30
+    assert w.gen_tokens == seqs * 70 and w.prefill_tokens == 5 * 4 * 30  # a prompt is read once per group
     assert w.train_tokens == seqs * 100 * 2  # two epochs
     assert w.extra_forward_tokens == seqs * 100 * 2  # reference + old policy, one forward each
-    assert w.gen_flops() == 2 * 2e6 * seqs * 100
+    assert w.gen_flops() == 2 * 2e6 * (seqs * 70 + 5 * 4 * 30)
     assert w.train_flops() == 6 * 2e6 * seqs * 200 + 2 * 2e6 * seqs * 200
     # one epoch: the old policy is the current one, no extra forward; no KL: no reference model
     plain = cost.grpo_workload(2e6, 5, 4, 8, 30, 70, epochs=1, reference=False, recompute_old_logp=True)
@@ -92,7 +92,10 @@ def test_estimate_command_writes_estimate_json(tmp_path, capsys):
     evals = 20 * 2  # one final evaluation: eval_problems x eval_k
     assert est["workload"]["gen_tokens"] == pytest.approx((seqs + evals) * 50)
     assert est["workload"]["train_tokens"] == pytest.approx(seqs * 60)
-    assert est["flops"]["total"] == pytest.approx(2e6 * (seqs + evals) * 60 + 6e6 * seqs * 60)
+    prompts = 20 * 4 + 20  # training prompts, held-out problems
+    assert est["flops"]["total"] == pytest.approx(
+        2e6 * ((seqs + evals) * 50 + prompts * 10) + 6e6 * seqs * 60
+    )
     assert est["gpu"]["price_per_hour"] == 2 and est["kind"] == "grpo"
 
 

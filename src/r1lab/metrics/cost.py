@@ -5,7 +5,8 @@ The model is the standard dense-transformer approximation (Kaplan et al. 2020; C
 * a forward pass costs 2N FLOPs per token (N = parameters: one multiply-add per weight),
 * a training step (forward + backward) costs 6N per token,
 
-so a GRPO run costs 2N per prompt and generated token of its rollouts, 6N per token it trains on
+so a GRPO run costs 2N per generated token and per prompt token of its rollouts (a prompt is read
+once for its whole group: vLLM's prefix cache and r1lab's CPU engine share it), 6N per token it trains on
 (prompt + completion, once per epoch over the batch), and 2N per token for each extra forward pass:
 the frozen reference model when the KL penalty is on, and the old policy's log-probs when a batch is
 reused for several epochs. Attention's own FLOPs (about 2 x layers x context x width per token) are
@@ -137,7 +138,7 @@ class Workload:
 
     n_params: float
     gen_tokens: float = 0.0  # completion tokens decoded by the sampler (2N each)
-    prefill_tokens: float = 0.0  # prompt tokens the sampler reads (2N each)
+    prefill_tokens: float = 0.0  # prompt tokens the sampler reads, once per prompt (2N each)
     train_tokens: float = 0.0  # tokens through forward + backward, summed over epochs (6N each)
     extra_forward_tokens: float = 0.0  # reference-model and old-policy forwards (2N each)
 
@@ -162,13 +163,13 @@ class Workload:
 def eval_workload(
     n_params: float, problems: int, k: int, prompt_tokens: float, completion_tokens: float
 ) -> Workload:
-    """An evaluation: every problem's prompt read k times, k completions decoded.
+    """An evaluation: each prompt read once (its k samples share the prefill), k completions decoded.
 
     >>> eval_workload(1e6, problems=10, k=4, prompt_tokens=50, completion_tokens=100).gen_flops()
-    12000000000.0
+    9000000000.0
     """
     return Workload(
-        n_params, gen_tokens=problems * k * completion_tokens, prefill_tokens=problems * k * prompt_tokens
+        n_params, gen_tokens=problems * k * completion_tokens, prefill_tokens=problems * prompt_tokens
     )
 
 
@@ -196,7 +197,7 @@ def grpo_workload(
     return Workload(
         n_params,
         gen_tokens=seqs * completion_tokens,
-        prefill_tokens=seqs * prompt_tokens,
+        prefill_tokens=steps * prompts_per_step * prompt_tokens,  # a group shares its prompt's prefill
         train_tokens=per_pass * epochs,
         extra_forward_tokens=per_pass * extra_passes,
     )
