@@ -274,3 +274,48 @@ def estimate(
         "here": here,
         "gpu": on_gpu,
     }
+
+
+# --------------------------------------------------------------------------- formatting (tables, report)
+
+
+def fmt_si(x: float | None, unit: str = "") -> str:
+    """Human-readable magnitude.
+
+    >>> fmt_si(3.2e15, "FLOP"), fmt_si(1234.0), fmt_si(None)
+    ('3.20 PFLOP', '1.23 k', '-')
+    """
+    if x is None:
+        return "-"
+    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= factor:
+            return f"{x / factor:.2f} {prefix}{unit}"
+    return f"{x:.3g} {unit}".rstrip()
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """Seconds as the largest sensible unit.
+
+    >>> fmt_duration(42.0), fmt_duration(5400.0), fmt_duration(3 * 86400.0)
+    ('42.0 s', '90.0 min', '3.00 days')
+    """
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.2f} h"
+    return f"{seconds / 86400:.2f} days"
+
+
+def fmt_dollars(x: float | None) -> str:
+    """Dollars, with significant digits kept for fractions of a cent.
+
+    >>> fmt_dollars(1234.5), fmt_dollars(0.0), fmt_dollars(0.000123)
+    ('$1,234.50', '$0.00', '$0.000123')
+    """
+    if x is None:
+        return "-"
+    return f"${x:,.2f}" if x >= 0.01 or x == 0 else f"${x:.3g}"

@@ -283,71 +283,29 @@ def estimate_recipe(recipe: str, overrides: list[str], args) -> dict:
     return out
 
 
-def _si(x: float | None, unit: str = "") -> str:
-    """Human-readable magnitude.
-
-    >>> _si(3.2e15, "FLOP"), _si(1234.0), _si(None)
-    ('3.20 PFLOP', '1.23 k', '-')
-    """
-    if x is None:
-        return "-"
-    for factor, prefix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(x) >= factor:
-            return f"{x / factor:.2f} {prefix}{unit}"
-    return f"{x:.3g} {unit}".rstrip()
-
-
-def duration(seconds: float | None) -> str:
-    """Seconds as the largest sensible unit.
-
-    >>> duration(42.0), duration(5400.0), duration(3 * 86400.0)
-    ('42.0 s', '90.0 min', '3.00 days')
-    """
-    if seconds is None:
-        return "-"
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.2f} h"
-    return f"{seconds / 86400:.2f} days"
-
-
-def dollars(x: float | None) -> str:
-    """Dollars, with significant digits kept for fractions of a cent.
-
-    >>> dollars(1234.5), dollars(0.0), dollars(0.000123)
-    ('$1,234.50', '$0.00', '$0.000123')
-    """
-    if x is None:
-        return "-"
-    return f"${x:,.2f}" if x >= 0.01 or x == 0 else f"${x:.3g}"
-
-
 def table_rows(est: dict) -> list[tuple[str, str, str]]:
     """(quantity, here, on the GPU) rows of the printed table."""
     w, here, gpu = est["workload"], est["here"], est["gpu"]
     same = lambda text: (text, text)  # noqa: E731  (a fact that does not depend on the machine)
     rows = [
-        ("parameters", *same(_si(w["n_params"]))),
-        ("tokens generated", *same(_si(w["gen_tokens"]))),
-        ("prompt tokens read by the sampler", *same(_si(w["prefill_tokens"]))),
-        ("tokens trained (x epochs)", *same(_si(w["train_tokens"]))),
-        ("extra forward tokens (ref / old policy)", *same(_si(w["extra_forward_tokens"]))),
-        ("FLOPs generation", *same(_si(est["flops"]["generation"], "FLOP"))),
-        ("FLOPs training", *same(_si(est["flops"]["training"], "FLOP"))),
-        ("FLOPs total", *same(_si(est["flops"]["total"], "FLOP"))),
-        ("peak FLOP/s", _si(here["peak_flops"], "FLOP/s"), _si(gpu["peak_flops"] * gpu["n_gpus"], "FLOP/s")),
+        ("parameters", *same(cost.fmt_si(w["n_params"]))),
+        ("tokens generated", *same(cost.fmt_si(w["gen_tokens"]))),
+        ("prompt tokens read by the sampler", *same(cost.fmt_si(w["prefill_tokens"]))),
+        ("tokens trained (x epochs)", *same(cost.fmt_si(w["train_tokens"]))),
+        ("extra forward tokens (ref / old policy)", *same(cost.fmt_si(w["extra_forward_tokens"]))),
+        ("FLOPs generation", *same(cost.fmt_si(est["flops"]["generation"], "FLOP"))),
+        ("FLOPs training", *same(cost.fmt_si(est["flops"]["training"], "FLOP"))),
+        ("FLOPs total", *same(cost.fmt_si(est["flops"]["total"], "FLOP"))),
+        ("peak FLOP/s", cost.fmt_si(here["peak_flops"], "FLOP/s"), cost.fmt_si(gpu["peak_flops"] * gpu["n_gpus"], "FLOP/s")),
         ("utilisation gen / train", f"{here['gen_fraction']:.2f} / {here['train_fraction']:.2f}",
          f"{gpu['gen_mfu']:.2f} / {gpu['mfu']:.2f}"),
-        ("wall time generation", duration(here["gen_seconds"]), duration(gpu["gen_seconds"])),
-        ("wall time training", duration(here["train_seconds"]), duration(gpu["train_seconds"])),
-        ("wall time total", duration(here["seconds"]), duration(gpu["seconds"])),
-        ("price per hour", dollars(here["price_per_hour"]), dollars(gpu["price_per_hour"])),
-        ("cost", dollars(here["dollars"]), dollars(gpu["dollars"])),
-        ("$ / M generated tokens", dollars(here["dollars_per_million_generated"]),
-         dollars(gpu["dollars_per_million_generated"])),
+        ("wall time generation", cost.fmt_duration(here["gen_seconds"]), cost.fmt_duration(gpu["gen_seconds"])),
+        ("wall time training", cost.fmt_duration(here["train_seconds"]), cost.fmt_duration(gpu["train_seconds"])),
+        ("wall time total", cost.fmt_duration(here["seconds"]), cost.fmt_duration(gpu["seconds"])),
+        ("price per hour", cost.fmt_dollars(here["price_per_hour"]), cost.fmt_dollars(gpu["price_per_hour"])),
+        ("cost", cost.fmt_dollars(here["dollars"]), cost.fmt_dollars(gpu["dollars"])),
+        ("$ / M generated tokens", cost.fmt_dollars(here["dollars_per_million_generated"]),
+         cost.fmt_dollars(gpu["dollars_per_million_generated"])),
     ]  # fmt: skip
     return rows
 
