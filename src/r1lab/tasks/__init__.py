@@ -88,11 +88,12 @@ class _Task:
     load: Loader
 
 
-def _task(name, description, verifier, splits, builtin, options, load, default_limit=None) -> _Task:
-    info = TaskInfo(
-        name, description, verifier, splits, builtin, option_defaults(options), default_limit or {}
-    )
-    return _Task(info, options, load)
+def _task(name: str, options: type[Options], load: Loader, **info: Any) -> _Task:
+    return _Task(TaskInfo(name=name, options=option_defaults(options), **info), options, load)
+
+
+def _shipped(load: Callable[[str, Any, str | None], Iterable[Problem]]) -> Loader:
+    return lambda split, seed, opts, path: load(split, opts, path)  # file rows need no seed
 
 
 def _countdown_file(name: str) -> Loader:
@@ -100,87 +101,54 @@ def _countdown_file(name: str) -> Loader:
 
 
 # Generated splits have no natural size: these are the sizes when task.limit is not set.
-_GENERATED_LIMITS = {"train": 10_000, "test": 500}
+_GENERATED = {"splits": ("train", "test"), "builtin": True, "default_limit": {"train": 10_000, "test": 500}}
+_TEST_FILE = {"splits": ("test",), "builtin": False}
 
 _REGISTRY: dict[str, _Task] = {
     t.info.name: t
     for t in [
         _task(
-            "arithmetic",
-            "integer + - * on n-digit operands, bare expression prompt (tiny models)",
-            "exact",
-            ("train", "test"),
-            True,
-            ArithmeticOptions,
-            lambda split, seed, opts, path: iter_arithmetic(split, seed, opts),
-            _GENERATED_LIMITS,
+            "arithmetic", ArithmeticOptions, lambda split, seed, opts, path: iter_arithmetic(split, seed, opts),
+            description="integer + - * on n-digit operands, bare expression prompt (tiny models)",
+            verifier="exact", **_GENERATED,
         ),
         _task(
-            "countdown",
-            "reach a target from 3-4 numbers with + - * /, each once (TinyZero), solvable only",
-            "countdown",
-            ("train", "test"),
-            True,
-            CountdownOptions,
-            lambda split, seed, opts, path: iter_countdown(split, seed, opts),
-            _GENERATED_LIMITS,
+            "countdown", CountdownOptions, lambda split, seed, opts, path: iter_countdown(split, seed, opts),
+            description="reach a target from 3-4 numbers with + - * /, each once (TinyZero), solvable only",
+            verifier="countdown", **_GENERATED,
         ),
         _task(
-            "gsm8k",
-            "GSM8K grade-school word problems (OpenAI, MIT), 1319 test",
-            "gsm8k",
-            ("test",),
-            False,
-            ShippedOptions,
-            lambda split, seed, opts, path: iter_gsm8k(split, opts, path),
+            "gsm8k", ShippedOptions, _shipped(iter_gsm8k),
+            description="GSM8K grade-school word problems (OpenAI, MIT), 1319 test",
+            verifier="gsm8k", **_TEST_FILE,
         ),
         _task(
-            "math500",
-            "MATH-500 competition problems (OpenAI PRM800K split, MIT), 500 test",
-            "math",
-            ("test",),
-            False,
-            ShippedOptions,
-            lambda split, seed, opts, path: iter_math500(split, opts, path),
+            "math500", ShippedOptions, _shipped(iter_math500),
+            description="MATH-500 competition problems (OpenAI PRM800K split, MIT), 500 test",
+            verifier="math", **_TEST_FILE,
         ),
         _task(
-            "aime2024",
-            "AIME 2024 I+II, 30 problems, integer answers (evaluation only)",
-            "math",
-            ("test",),
-            False,
-            ShippedOptions,
-            lambda split, seed, opts, path: iter_aime2024(split, opts, path),
+            "aime2024", ShippedOptions, _shipped(iter_aime2024),
+            description="AIME 2024 I+II, 30 problems, integer answers (evaluation only)",
+            verifier="math", **_TEST_FILE,
         ),
         _task(
-            "countdown-hf",
-            "Countdown-Tasks-3to4 rows 10000-11023 (1024), as prompted by the generator",
-            "countdown",
-            ("test",),
-            False,
-            ShippedOptions,
-            _countdown_file("countdown-hf"),
+            "countdown-hf", ShippedOptions, _countdown_file("countdown-hf"),
+            description="Countdown-Tasks-3to4 rows 10000-11023 (1024), as prompted by the generator",
+            verifier="countdown", **_TEST_FILE,
         ),
         _task(
-            "countdown-tinyzero",
-            "TinyZero's default Countdown test split (1024)",
-            "countdown",
-            ("test",),
-            False,
-            ShippedOptions,
-            _countdown_file("countdown-tinyzero"),
+            "countdown-tinyzero", ShippedOptions, _countdown_file("countdown-tinyzero"),
+            description="TinyZero's default Countdown test split (1024)",
+            verifier="countdown", **_TEST_FILE,
         ),
         _task(
-            "jsonl",
-            "any .jsonl/.parquet at task.path, fields mapped by options",
-            "option",
-            ("train", "test"),
-            False,
-            JsonlOptions,
-            lambda split, seed, opts, path: iter_jsonl(split, opts, path),
+            "jsonl", JsonlOptions, _shipped(iter_jsonl),
+            description="any .jsonl/.parquet at task.path, fields mapped by options",
+            verifier="option", splits=("train", "test"), builtin=False,
         ),
     ]
-}
+}  # fmt: skip
 
 #: name -> TaskInfo, in the order `r1lab tasks` lists them
 TASKS: dict[str, TaskInfo] = {name: t.info for name, t in _REGISTRY.items()}
