@@ -71,12 +71,16 @@ def corpus_rows(cfg: PretrainConfig, tokenizer) -> list[list[int]]:
     spec = cfg.task.model_copy(update={"split": "train", "limit": cfg.corpus.problems, "seed": cfg.seed})
     c = cfg.corpus
     mix = CorpusMix(direct=c.direct, working=c.working, check=c.check, slip_rate=c.slip_rate)
-    rows = []
-    for problem, completion in build_arithmetic_corpus(load_task(spec), mix, cfg.seed):
-        prompt = tokenizer.apply_chat_template(problem.messages, tokenize=False, add_generation_prompt=True)
-        rows.append(
-            tokenizer(prompt + completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        )
+    pairs = build_arithmetic_corpus(load_task(spec), mix, cfg.seed)
+    texts = [
+        tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) + completion
+        for p, completion in pairs
+    ]
+    rows = tokenizer(texts, add_special_tokens=False)[
+        "input_ids"
+    ]  # one batched call: far faster than per row
+    for r in rows:
+        r.append(tokenizer.eos_token_id)
     return rows
 
 

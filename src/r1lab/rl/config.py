@@ -71,7 +71,14 @@ class GRPOConfig(Section):
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="rollout sampling")
     reward: RewardSpec = Field(default_factory=RewardSpec, description="reward weights and length shaping")
     rl: RLSection = Field(default_factory=RLSection)
+    engine: Literal["cpu", "vllm"] = Field(
+        "cpu", description="rollout engine: r1lab's torch engine, or vLLM (GPU, `gpu` extra)"
+    )
     engine_dtype: Literal["float32", "bfloat16"] = Field("float32", description="rollout engine precision")
+    device: str = Field("cpu", description="training device: cpu, or cuda on a GPU machine")
+    vllm_memory: float = Field(
+        0.3, gt=0, le=1, description="share of GPU memory vLLM may take (colocated with training)"
+    )
     eval_every: int = Field(0, ge=0, description="held-out evaluation every N steps (0: only at the end)")
     eval_problems: int = Field(200, ge=1, description="held-out problems per evaluation")
     eval_k: int = Field(1, ge=1, description="samples per held-out problem (pass@1 averaged over k)")

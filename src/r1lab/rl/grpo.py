@@ -27,7 +27,7 @@ import torch
 from r1lab.config import R1labError, dump_config
 from r1lab.metrics import RunDir, emergence_stats
 from r1lab.metrics.progress import StepProgress
-from r1lab.modeling import count_params, load_model, save_checkpoint, token_logprobs
+from r1lab.modeling import load_model, matmul_params, save_checkpoint, token_logprobs
 from r1lab.modeling.train_state import load_train_state, make_optimizer, make_scheduler, save_train_state
 from r1lab.rewards import grade
 from r1lab.rl.config import GRPOConfig
@@ -277,7 +277,7 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
     dump_config(cfg, run.config_path)
     stream = ProblemStream(train_problems, cfg.seed, position)
     engine = CPUEngine(model, tokenizer, dtype=cfg.engine_dtype, seed=cfg.seed)
-    n_params = count_params(model, exclude_embeddings=True)
+    n_params = matmul_params(model)  # FLOPs: 2N per token forward, 6N trained
     pad_id = tokenizer.pad_token_id
     shuffle_rng = random.Random(cfg.seed)
     t_start, last = time.monotonic(), {}

@@ -26,8 +26,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from r1lab.tasks.arithmetic import is_test_arithmetic
 from r1lab.tasks.base import Problem, TaskError
-from r1lab.tasks.holdout import in_test_bucket
 
 CHECK_PHRASE = "wait, let me check:"
 
@@ -126,8 +126,7 @@ def build_arithmetic_corpus(problems: list[Problem], mix: CorpusMix, seed: int) 
     out = []
     for p in problems:
         a, b = parse_addition(p)
-        x, y = sorted((a, b))
-        if in_test_bucket(f"arithmetic:{x}+{y}"):
+        if is_test_arithmetic(a, b, "+"):
             raise TaskError(
                 f"problem {p.id} ({a}+{b}) is a held-out test problem; the corpus uses train problems only"
             )
