@@ -84,6 +84,11 @@ class TeacherSpec(Section):
     use_n: bool = Field(
         False, description="http: ask for k choices in one request (vLLM) instead of k requests"
     )
+    think_in_prompt: bool = Field(
+        False,
+        description="the teacher's template ends the prompt with <think> (DeepSeek-R1 distills): "
+        "completions are graded and kept with it prepended",
+    )
 
     @model_validator(mode="after")
     def _needs_its_fields(self):
