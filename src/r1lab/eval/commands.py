@@ -23,27 +23,22 @@ def add_arguments(parser) -> None:
 
 
 def build_sampler(model: ModelSource, seed: int, threads: int | None):
-    """The sampler for a config's model: the CPU engine over a local checkpoint, or the HTTP sampler."""
-    if model.base_url is not None:
-        from r1lab.rollout.http import HTTPSampler
+    """The sampler for a config's model: a local engine over a checkpoint, or the HTTP sampler."""
+    from r1lab.rollout import make_sampler
 
-        return HTTPSampler(
-            model.base_url, model.name, api_key_env=model.api_key_env,
+    if model.base_url is not None:
+        return make_sampler(
+            "http", base_url=model.base_url, model=model.name, api_key_env=model.api_key_env,
             max_concurrency=model.max_concurrency, timeout_s=model.timeout_s, seed=seed,
         )  # fmt: skip
     path = Path(model.path)
     if not (path / "config.json").is_file():
         raise R1labError(f"model.path {path}: not a Hugging Face checkpoint directory (no config.json)")
-    import torch
-
-    from r1lab.modeling import load_model
-    from r1lab.rollout.cpu import CPUEngine
-
     if threads is not None:
+        import torch
+
         torch.set_num_threads(threads)
-    dtype = getattr(torch, model.dtype)
-    net, tokenizer = load_model(str(path), dtype)
-    return CPUEngine(net, tokenizer, dtype=dtype, seed=seed)
+    return make_sampler(model.engine, path=str(path), dtype=model.dtype, seed=seed)
 
 
 def unique_tags(names: list[str]) -> list[str | None]:

@@ -12,8 +12,9 @@ from r1lab.config import RewardSpec, SamplingSpec, Section, TaskSpec
 class ModelSource(Section):
     """Either a local Hugging Face checkpoint (`path`) or an OpenAI-compatible endpoint (`base_url` + `name`)."""
 
-    path: str | None = Field(
-        None, description="local Hugging Face checkpoint directory (sampled on CPU here)"
+    path: str | None = Field(None, description="local Hugging Face checkpoint directory")
+    engine: Literal["cpu", "vllm"] = Field(
+        "cpu", description="local engine: r1lab's torch engine, or vLLM (GPU)"
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="precision of the local engine")
     base_url: str | None = Field(

@@ -12,8 +12,8 @@ What the recipe is decides what is counted (see `r1lab.metrics.cost` for the FLO
   `rl.old_logp: recompute`, and the held-out evaluations (`eval_problems` x `eval_k`, every
   `eval_every` steps or once at the end).
 * Evaluation (`tasks:` or `stage: eval`; `r1lab.eval.config.EvalConfig`): problems x k completions.
-* SFT (`sft:` or `stage: sft`), from this minimal set of keys until the SFT stage's config lands:
-  `model`, `data` (or `data.path`, `sft.data`: a chat JSONL) or `sft.tokens`, `sft.epochs`.
+* SFT (`stage: sft`; `r1lab.sft.config.SFTConfig`): the tokens of every conversation in `data`
+  (chat JSONL), `epochs` times or `max_steps` x `batch_size` conversations, whichever is fewer.
 
 Completions are counted at `sampling.max_tokens` each (an upper bound: every completion runs to the
 limit) unless `--fill` says what fraction of it they use on average. The model's size comes from
@@ -80,11 +80,13 @@ def recipe_kind(data: dict, where: str) -> str:
     stage = data.get("stage")
     if stage in ("grpo", "eval", "sft"):
         return stage
-    for key, kind in (("rl", "grpo"), ("tasks", "eval"), ("sft", "sft")):
+    if stage is not None:
+        raise EstimateError(f"{where}: stage {stage!r}: only grpo, eval and sft recipes are estimated")
+    for key, kind in (("rl", "grpo"), ("tasks", "eval")):
         if key in data:
             return kind
     raise EstimateError(
-        f"{where}: cannot tell the recipe's kind: add 'stage: grpo|eval|sft' or an rl/tasks/sft section"
+        f"{where}: cannot tell the recipe's kind: add 'stage: grpo|eval|sft' or an rl/tasks section"
     )
 
 
@@ -204,9 +206,11 @@ def eval_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, d
     return work, facts
 
 
-def _jsonl_chars(path: Path) -> int:
-    """Characters of every message's content in a chat JSONL (what SFT trains on)."""
-    total = 0
+def _conversations(path: Path) -> list[list[dict]]:
+    """The `messages` of every row of a chat JSONL (what SFT trains on)."""
+    if not path.is_file():
+        raise EstimateError(f"{path}: no such data file")
+    out = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -216,41 +220,40 @@ def _jsonl_chars(path: Path) -> int:
             except json.JSONDecodeError:
                 raise EstimateError(f"{path}:{i}: not JSON") from None
             msgs = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(msgs, list):
+            if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
                 raise EstimateError(f"{path}:{i}: field 'messages': expected a list of chat messages")
-            total += sum(len(str(m.get("content", ""))) for m in msgs if isinstance(m, dict))
-    return total
+            out.append(msgs)
+    return out
 
 
 def sft_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, dict]:
-    from r1lab.config import parse_override
+    """SFT: every conversation's tokens through forward and backward, `epochs` times (or max_steps)."""
+    from r1lab.config import load_config
+    from r1lab.sft.config import SFTConfig
 
-    data = read_yaml(recipe)
-    for ov in overrides:
-        keys, value = parse_override(ov)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise EstimateError(f"{recipe} (override {ov!r}): '{k}' is not a section")
-        node[keys[-1]] = value
-    sft = data.get("sft") or {}
-    n = model_params(data.get("model"), args.params, recipe)
-    epochs = int(sft.get("epochs", 1))
-    tokens = sft.get("tokens")
-    how = "given (sft.tokens)"
-    if tokens is None:
-        source = data.get("data")
-        source = source.get("path") if isinstance(source, dict) else source
-        source = source or sft.get("data")
-        if not source or not Path(source).is_file():
-            raise EstimateError(
-                f"{recipe}: field 'data': need a chat JSONL file (or sft.tokens) to count tokens"
-            )
-        tokens, how = _jsonl_chars(Path(source)) / 4, f"~chars/4 of {source}"
-    work = cost.sft_workload(n, float(tokens), epochs)
-    return work, {"kind": "sft", "model": data.get("model"), "tokens": tokens, "tokens_source": how, "epochs": epochs,
-                  "dtypes": {"train": "float32"}}  # fmt: skip
+    cfg = load_config(SFTConfig, recipe, overrides)
+    n = model_params(cfg.model, args.params, recipe)
+    if not cfg.data:
+        raise EstimateError(f"{recipe}: field 'data': no JSONL files to count tokens in")
+    convs = [c for path in cfg.data for c in _conversations(Path(path))]
+    if not convs:
+        raise EstimateError(f"{recipe}: the data files hold no conversations")
+    sample = convs[:PROMPT_SAMPLE]
+    tok = _tokenizer_of(cfg.model)
+    if tok is not None and tok.chat_template:
+        per_conv = sum(len(_ids(tok.apply_chat_template(c))) for c in sample) / len(sample)
+        how = f"measured on {len(sample)} conversations"
+    else:
+        per_conv = sum(len(str(m.get("content", ""))) for c in sample for m in c) / len(sample) / 4
+        how = f"~chars/4 on {len(sample)} conversations"
+    seen = len(convs) * cfg.epochs
+    if cfg.max_steps is not None:
+        seen = min(seen, cfg.max_steps * cfg.batch_size)
+    work = cost.sft_workload(n, per_conv * seen, epochs=1)
+    dtype = "bfloat16" if cfg.autocast_bf16 else "float32"
+    facts = {"kind": "sft", "model": cfg.model, "conversations": len(convs), "conversations_trained": seen,
+             "tokens_per_conversation": per_conv, "tokens_source": how, "dtypes": {"train": dtype}}  # fmt: skip
+    return work, facts
 
 
 # --------------------------------------------------------------------------- the command
