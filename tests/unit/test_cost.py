@@ -108,3 +108,16 @@ def test_estimate_command_errors_are_one_line(tmp_path, capsys):
     recipe.write_text(GRPO.replace("some-model", str(tmp_path / "missing")))
     assert main(["estimate", str(recipe), "--prompt-tokens", "5", "--peak", "1e9"]) == 2  # no such checkpoint
     assert "pass --params" in capsys.readouterr().err
+
+
+def test_model_params_are_the_matmul_params_the_training_loops_use(tmp_path):
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from r1lab.metrics.estimate_commands import model_params
+    from r1lab.modeling import matmul_params
+
+    config = GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=100)
+    config.save_pretrained(tmp_path)  # config.json only: the count needs no weights
+    expected = matmul_params(AutoModelForCausalLM.from_config(config))
+    assert model_params(str(tmp_path), None, "r.yaml") == expected
+    assert model_params(str(tmp_path), 123.0, "r.yaml") == 123.0  # --params wins

@@ -91,34 +91,46 @@ def recipe_kind(data: dict, where: str) -> str:
 
 
 def model_params(model: str | None, override: float | None, where: str) -> float:
-    """Parameter count: `--params`, a checkpoint's safetensors headers, or a tiny preset's config."""
+    """N for the FLOP count: `--params`, else the matmul parameters of the checkpoint or tiny preset.
+
+    Matmul parameters (`r1lab.modeling.matmul_params`: all but the embedding tables, plus the output
+    projection even when tied) are the N the training loops log FLOPs with, so an estimate and the
+    run's actual FLOPs compare like for like. The model is built on the meta device (shapes only).
+    Without a readable config.json, the safetensors headers' total is the fallback.
+    """
     if override is not None:
         return override
     if model:
         path = Path(model)
+        if (path / "config.json").is_file():
+            from transformers import AutoConfig
+
+            try:
+                return float(_matmul_params(AutoConfig.from_pretrained(path, local_files_only=True)))
+            except (OSError, ValueError, KeyError):
+                pass  # an architecture transformers cannot build: count the stored tensors instead
         if path.is_dir():
             n = cost.count_checkpoint_params(path)
             if n is not None:
                 return float(n)
         elif "/" not in model:  # preset names have no slash; skip importing transformers for paths
-            from r1lab.modeling import PRESETS
+            from r1lab.modeling import PRESETS, build_char_tokenizer, preset_config
 
             if model in PRESETS:
-                return float(_preset_params(model))
+                return float(_matmul_params(preset_config(model, build_char_tokenizer())))
     raise EstimateError(
-        f"{where}: model {model!r}: no checkpoint with safetensors weights there; pass --params N"
+        f"{where}: model {model!r}: no checkpoint with a config or safetensors there; pass --params N"
     )
 
 
-def _preset_params(name: str) -> int:
+def _matmul_params(config) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from r1lab.modeling import build_char_tokenizer, preset_config
+    from r1lab.modeling import matmul_params
 
     with torch.device("meta"):  # shapes only, no memory
-        net = AutoModelForCausalLM.from_config(preset_config(name, build_char_tokenizer()))
-    return sum(p.numel() for p in net.parameters())
+        return matmul_params(AutoModelForCausalLM.from_config(config))
 
 
 def _tokenizer_of(model: str | None):
