@@ -15,9 +15,10 @@ Splitting (`split_think`):
 
 Extraction (`extract_answer`), on the answer text only, first rule that finds something wins:
   1. `<answer> ... </answer>` pairs (a box inside is unwrapped); if complete pairs hold *different*
-     answers the result is ambiguous and no answer is extracted;
+     answers (or there are more than `MAX_BOXES`) the result is ambiguous;
   2. `\\boxed{...}` (or `\\fbox{...}`), outermost only, braces balanced; if several boxes hold
-     *different* answers the result is ambiguous and no answer is extracted;
+     *different* answers (or there are more than `MAX_BOXES`) the result is ambiguous and no
+     answer is extracted;
   3. an explicit final phrase on a line: "final answer is", "the answer is", "answer:" or "####"
      (ASCII case-insensitive); the last such phrase, up to the end of its line, without the `$`
      and markdown `*` around it and without a trailing period;
@@ -29,6 +30,7 @@ that can backtrack.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 THINK_OPEN = "<think>"
@@ -36,6 +38,7 @@ THINK_CLOSE = "</think>"
 ANSWER_OPEN = "<answer>"
 ANSWER_CLOSE = "</answer>"
 MAX_ANSWER_CHARS = 512
+MAX_BOXES = 32
 
 #: The R1-Zero system prompt (DeepSeek-R1 report, Table 1), adapted to boxed answers.
 R1_SYSTEM_PROMPT = (
@@ -48,9 +51,11 @@ R1_SYSTEM_PROMPT = (
 
 _PHRASES = ("final answer is", "the answer is", "answer:", "####")
 _BOX_OPENERS = ("\\boxed{", "\\fbox{")
-# Lower-casing with str.lower() can change a string's length ("İ" becomes two characters), which
-# would shift every index found in the lowered copy; this table lowers ASCII letters only.
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+# A literal alternation: the regex engine cannot backtrack on it, so a scan is linear. Matching
+# in place (not in a lower-cased copy) keeps indices right: "İ".lower() is two characters long.
+_BRACE_RE = re.compile("[{}]")
+_OPENS_WITH_THINK = re.compile(r"\s*" + re.escape(THINK_OPEN))  # without copying text.lstrip()
+_PHRASE_RE = re.compile("|".join(re.escape(p) for p in _PHRASES), re.IGNORECASE | re.ASCII)
 
 
 def r1_messages(question: str, system: bool = True) -> list[dict[str, str]]:
@@ -106,7 +111,7 @@ def split_think(text: str, think_in_prompt: bool = False) -> tuple[str, str, boo
     if reopened >= 0:  # an unclosed think block after the answer: what follows is not answer text
         answer_text = answer_text[:reopened]
     expected_open = 0 if think_in_prompt else 1
-    opens_at_start = think_in_prompt or text.lstrip().startswith(THINK_OPEN)
+    opens_at_start = think_in_prompt or _OPENS_WITH_THINK.match(text) is not None
     well_formed = (
         n_open == expected_open
         and text.count(THINK_CLOSE) == 1
@@ -117,52 +122,59 @@ def split_think(text: str, think_in_prompt: bool = False) -> tuple[str, str, boo
 
 
 def _boxed_contents(text: str) -> list[str]:
-    """Contents of the outermost `\\boxed{...}`/`\\fbox{...}` groups, in order; one linear pass.
+    """Contents of the outermost `\\boxed{...}`/`\\fbox{...}` groups, in order, braces balanced.
+
+    A box never closed ends the search (it would swallow the rest). A box whose content runs past
+    `MAX_ANSWER_CHARS` is returned cut just beyond that length (so it is rejected as too long) and
+    also ends the search: no scan ever walks a megabyte of braces, and the whole pass is linear.
+    At most `MAX_BOXES + 1` boxes are returned: more than `MAX_BOXES` is not an answer but a list.
 
     >>> _boxed_contents("\\\\boxed{\\\\frac{1}{2}} and \\\\fbox{3}")
     ['\\\\frac{1}{2}', '3']
+    >>> _boxed_contents("\\\\boxed{1} \\\\boxed{2")
+    ['1']
     """
-    starts: set[int] = set()  # index of the '{' that opens a box
-    for opener in _BOX_OPENERS:
-        i = text.find(opener)
-        while i >= 0:
-            starts.add(i + len(opener) - 1)
-            i = text.find(opener, i + 1)
-    if not starts:
-        return []
     out: list[str] = []
+    # Next occurrence of each opener; each only moves forward, so finding boxes is linear overall.
+    next_at = {opener: text.find(opener) for opener in _BOX_OPENERS}
+    pos = 0
+    while True:
+        for opener, at in next_at.items():
+            if 0 <= at < pos:
+                next_at[opener] = text.find(opener, pos)
+        found = [(at, opener) for opener, at in next_at.items() if at >= 0]
+        if not found or len(out) > MAX_BOXES:
+            return out
+        at, opener = min(found)
+        brace = at + len(opener) - 1
+        limit = brace + MAX_ANSWER_CHARS + 2
+        close = _matching_brace(text, brace, limit)
+        if close < 0:
+            if limit < len(text):  # still open after MAX_ANSWER_CHARS: too long to be an answer
+                out.append(text[brace + 1 : limit])
+            return out
+        out.append(text[brace + 1 : close])
+        pos = close + 1
+
+
+def _matching_brace(text: str, start: int, stop: int) -> int:
+    """Index of the '}' that closes the '{' at `start`, looking only before `stop`; -1 if none."""
     depth = 0
-    open_box = -1  # position of the '{' of the box we are inside, -1 if none
-    box_depth = 0  # brace depth just inside that box
-    # Visit only the braces (str.find is C-speed), not every character of a megabyte completion.
-    i = _next_brace(text, 0)
-    while i >= 0:
-        if text[i] == "{":
-            depth += 1
-            if open_box < 0 and i in starts:
-                open_box, box_depth = i, depth
-        elif depth > 0:
-            if open_box >= 0 and depth == box_depth:
-                out.append(text[open_box + 1 : i])
-                open_box = -1
-            depth -= 1
-        i = _next_brace(text, i + 1)
-    return out
-
-
-def _next_brace(text: str, start: int) -> int:
-    """Index of the next '{' or '}' at or after `start`, -1 if none."""
-    a, b = text.find("{", start), text.find("}", start)
-    if a < 0:
-        return b
-    return a if b < 0 or a < b else b
+    for m in _BRACE_RE.finditer(text, start, stop):
+        depth += 1 if m.group() == "{" else -1
+        if depth == 0:
+            return m.start()
+    return -1
 
 
 def _tag_contents(text: str, open_tag: str, close_tag: str) -> list[str]:
-    """Contents of the complete `open_tag ... close_tag` pairs, in order (non-nested, linear)."""
+    """Contents of the complete `open_tag ... close_tag` pairs, in order (non-nested, linear).
+
+    Like boxes, at most `MAX_BOXES + 1` pairs are returned.
+    """
     out: list[str] = []
     start = text.find(open_tag)
-    while start >= 0:
+    while start >= 0 and len(out) <= MAX_BOXES:
         end = text.find(close_tag, start + len(open_tag))
         if end < 0:
             break
@@ -173,19 +185,40 @@ def _tag_contents(text: str, open_tag: str, close_tag: str) -> list[str]:
     return out
 
 
+def _last_phrase_end(text: str) -> int:
+    """Index just after the last final-answer phrase, -1 if none (ASCII case-insensitive)."""
+    lower = text.lower()
+    # Lower-casing never shrinks a character, so equal lengths mean the indices still line up;
+    # rfind on that copy is far faster than a regex scan over megabytes.
+    if len(lower) == len(text):
+        best = max(((lower.rfind(p), len(p)) for p in _PHRASES), key=lambda x: x[0])
+        return best[0] + best[1] if best[0] >= 0 else -1
+    last = None
+    for last in _PHRASE_RE.finditer(text):  # noqa: B007 - we want the last match
+        pass
+    return last.end() if last is not None else -1
+
+
 def _phrase_answer(text: str) -> str | None:
-    lower = text.translate(_ASCII_LOWER)
-    best, best_len = -1, 0
-    for phrase in _PHRASES:
-        i = lower.rfind(phrase)
-        if i > best:
-            best, best_len = i, len(phrase)
-    if best < 0:
+    end = _last_phrase_end(text)
+    if end < 0:
         return None
-    rest = text[best + best_len :]
+    rest = text[end:]
     line_end = rest.find("\n")
     line = rest if line_end < 0 else rest[:line_end]
     return line.strip().strip("*").strip().rstrip(".").strip().strip("$").strip() or None
+
+
+def _last_line(text: str) -> str | None:
+    """The last non-empty line, stripped; splits only a short tail, not a megabyte of text."""
+    stripped = text.strip()
+    if not stripped:
+        return None
+    tail = stripped[-4 * MAX_ANSWER_CHARS :]
+    lines = tail.splitlines()
+    if len(lines) == 1 and len(tail) < len(stripped):  # the last line is longer than the tail
+        lines = stripped.splitlines()
+    return lines[-1].strip()
 
 
 def _normalise(ans: str) -> str:
@@ -215,7 +248,7 @@ def extract_answer(answer_text: str) -> tuple[str | None, str]:
     tagged = _tag_contents(answer_text, ANSWER_OPEN, ANSWER_CLOSE)
     if tagged:
         ans, source = _single(tagged), "answer_tag"
-        if ans is None:
+        if ans is None or len(tagged) > MAX_BOXES:
             return None, "ambiguous"
         boxed_inside = _boxed_contents(ans)
         if boxed_inside:
@@ -226,17 +259,17 @@ def extract_answer(answer_text: str) -> tuple[str | None, str]:
         boxes = _boxed_contents(answer_text)
         if boxes:
             ans, source = _single(boxes), "boxed"
-            if ans is None:
+            if ans is None or len(boxes) > MAX_BOXES:
                 return None, "ambiguous"
         else:
             phrase = _phrase_answer(answer_text)
             if phrase is not None:
                 ans, source = phrase, "phrase"
             else:
-                lines = [ln.strip() for ln in answer_text.strip().splitlines() if ln.strip()]
-                if not lines:
+                line = _last_line(answer_text)
+                if line is None:
                     return None, "none"
-                ans, source = lines[-1], "last_line"
+                ans, source = line, "last_line"
     if not ans:
         return None, "none"
     if len(ans) > MAX_ANSWER_CHARS:

@@ -9,16 +9,18 @@ simplification, sets, intervals, matrices, equations).
 `r1lab.chat.parse` extracts from the text outside `<think>` (never an answer hidden in the
 reasoning), wraps it and the reference in `\\boxed{...}` so math-verify reads each as one LaTeX
 answer, and compares. Before math-verify sees it, an answer is rejected if it holds look-alike
-digits (fullwidth, Arabic-Indic, mathematical bold: sympy would not read them as the gold's digits,
-but rejecting them outright keeps every verifier consistent) or unbalanced braces (which could smuggle
-a second `\\boxed{}` past the parser). Answers are at most `chat.MAX_ANSWER_CHARS` long, and every
-math-verify call runs under its SIGALRM timeouts, so a pathological answer (`9^{9^{9^{9}}}`) costs
-a few seconds at worst, never a hang. SIGALRM only works in the main thread: elsewhere the
-timeouts are off (math-verify's own limitation) and the length cap is the only guard.
+digits, unbalanced braces (which could smuggle a second `\\boxed{}` past the parser), a logical
+"or" between candidates, or a list of answers against a single reference, and `\\phantom{}`
+groups are removed (see `r1lab.rewards.guards`).
+Answers are at most `chat.MAX_ANSWER_CHARS` long, and every math-verify call runs under its SIGALRM
+timeouts, so a pathological answer (`9^{9^{9^{9}}}`) costs a few seconds at worst, never a hang.
+SIGALRM only works in the main thread: elsewhere the timeouts are off (math-verify's own
+limitation) and the length cap is the only guard.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
@@ -26,10 +28,11 @@ from typing import Any
 
 from r1lab.chat import parse
 from r1lab.rewards.base import Reward
-from r1lab.rewards.numeric import has_non_ascii_digits
+from r1lab.rewards.guards import has_non_ascii_digits, is_list, lists_candidates, strip_phantoms
 
-#: seconds math-verify may spend parsing one string, and on one comparison
-TIMEOUT_S = 3
+#: seconds math-verify may spend parsing one string, and on one comparison (its own default)
+TIMEOUT_S = 5
+_warmed = False
 DEFAULT_MATCH_TYPES = ("latex", "expr")
 
 
@@ -54,11 +57,39 @@ def _extraction_config(match_types: tuple[str, ...] | None) -> list[Any]:
     return config
 
 
+def _warm_up() -> None:
+    """Parse and compare one typical answer without a timeout, once per process.
+
+    The first parse builds the LaTeX grammar's tables and sympy's caches, which takes seconds on a
+    busy machine; under the timeout that would reject the very first (correct) answer graded.
+    """
+    global _warmed
+    if _warmed:
+        return
+    from math_verify import parse as mv_parse
+    from math_verify import verify
+
+    config = _extraction_config(DEFAULT_MATCH_TYPES)
+    log = logging.getLogger("math_verify")
+    level = log.level
+    log.setLevel(logging.ERROR)  # math-verify warns whenever a timeout is off, as it is here on purpose
+    try:
+        gold = mv_parse(
+            "\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", extraction_config=config, parsing_timeout=None
+        )
+        pred = mv_parse("\\boxed{(3, \\pi/2)}", extraction_config=config, parsing_timeout=None)
+        verify(gold, pred, timeout_seconds=None)
+    finally:
+        log.setLevel(level)
+    _warmed = True
+
+
 @lru_cache(maxsize=8192)
 def _parsed(text: str, match_types: tuple[str, ...] | None, timeout: int | None) -> tuple[Any, ...]:
     """math-verify's parse of one string, cached: the audit and RL grade the same gold many times."""
     from math_verify import parse as mv_parse
 
+    _warm_up()
     try:
         return tuple(
             mv_parse(text, extraction_config=_extraction_config(match_types), parsing_timeout=timeout)
@@ -86,7 +117,20 @@ def math_equal(
     (True, False)
     """
     types = None if match_types is None else tuple(match_types)
-    timeout = _timeout()
+    return _equal(gold, pred, types, precision, strict, allow_set_relation_comp, _timeout())
+
+
+@lru_cache(maxsize=16384)
+def _equal(
+    gold: str,
+    pred: str,
+    types: tuple[str, ...] | None,
+    precision: int,
+    strict: bool,
+    set_rel: bool,
+    timeout: int | None,
+) -> bool:
+    """`math_equal`, cached: RL groups and the audit compare the same answer pairs again and again."""
     gold_parsed, pred_parsed = _parsed(gold, types, timeout), _parsed(pred, types, timeout)
     if not gold_parsed or not pred_parsed:
         return False
@@ -99,7 +143,7 @@ def math_equal(
                 list(pred_parsed),
                 float_rounding=precision,
                 strict=strict,
-                allow_set_relation_comp=allow_set_relation_comp,
+                allow_set_relation_comp=set_rel,
                 timeout_seconds=timeout,
             )
         )
@@ -137,28 +181,36 @@ def _braces_balanced(s: str) -> bool:
     return depth == 0
 
 
-def answer_for_math_verify(answer: str | None) -> str | None:
-    """The extracted answer as one boxed LaTeX answer for math-verify, or None if it must be rejected.
+def clean_math_answer(answer: str | None) -> str | None:
+    """The extracted answer as LaTeX for math-verify (no `$`, no phantoms), or None if it must be rejected.
 
-    >>> answer_for_math_verify("$\\\\frac{1}{2}$")
-    '\\\\boxed{\\\\frac{1}{2}}'
-    >>> answer_for_math_verify("73} \\\\boxed{72") is None, answer_for_math_verify("\\uff17\\uff12") is None
+    >>> clean_math_answer("$\\\\frac{1}{2}$")
+    '\\\\frac{1}{2}'
+    >>> clean_math_answer("73} \\\\boxed{72") is None, clean_math_answer("\\uff17\\uff12") is None
     (True, True)
     """
     if answer is None or has_non_ascii_digits(answer):
         return None
     inner = _strip_math_delimiters(answer)
-    if not inner or not _braces_balanced(inner) or "\\boxed" in inner or "\\fbox" in inner:
+    if not _braces_balanced(inner):
         return None
-    return "\\boxed{" + inner + "}"
+    inner = strip_phantoms(inner).strip()
+    if not inner or "\\boxed" in inner or "\\fbox" in inner or lists_candidates(inner):
+        return None
+    return inner
 
 
 def math_accuracy(answer: str | None, reference: str, **settings: Any) -> float:
-    """1.0 if the extracted answer is math-verify-equivalent to the reference, else 0.0."""
-    pred = answer_for_math_verify(answer)
-    if pred is None:
+    """1.0 if the extracted answer is math-verify-equivalent to the reference, else 0.0.
+
+    Both are wrapped in `\\boxed{}` so math-verify reads each as one LaTeX answer. A list of
+    answers counts only against a reference that is a list (`guards.is_list`).
+    """
+    pred = clean_math_answer(answer)
+    if pred is None or (is_list(pred) and not is_list(reference)):
         return 0.0
-    return 1.0 if math_equal("\\boxed{" + reference.strip() + "}", pred, **settings) else 0.0
+    gold = "\\boxed{" + reference.strip() + "}"
+    return 1.0 if math_equal(gold, "\\boxed{" + pred + "}", **settings) else 0.0
 
 
 def math_reward(text: str, reference: str) -> Reward:

@@ -11,6 +11,7 @@ A GSM8K answer is a number, but models write it in many harmless ways: `$1,000`,
   * ONLY ASCII digits count: Python's `int()`/`float()` happily read Arabic-Indic, fullwidth and
     mathematical-bold digits, which is a known way to fool a grader; an answer holding any
     non-ASCII numeric character is rejected;
+  * invisible LaTeX (`\\phantom{72}`) is removed first (see `r1lab.rewards.guards`);
   * numbers are compared exactly as fractions, so `72.0 == 72` and `-3 != 3`.
 
 `exact_reward` uses the same rule when the reference is a number, and whitespace-normalised string
@@ -25,6 +26,7 @@ from fractions import Fraction
 from r1lab.chat import parse
 from r1lab.config import R1labError
 from r1lab.rewards.base import Reward
+from r1lab.rewards.guards import has_non_ascii_digits, strip_phantoms
 
 # A run of digits that may hold thousands commas, then an optional decimal part; or a bare decimal
 # part (".5"). Linear: no nested quantifiers over the same characters.
@@ -36,15 +38,6 @@ _SIGNS = {"-": -1, "\u2212": -1, "+": 1}
 
 class RewardError(R1labError):
     """A reference answer a verifier cannot use (e.g. a GSM8K reference that is not a number)."""
-
-
-def has_non_ascii_digits(text: str) -> bool:
-    """True if `text` holds a numeric character other than 0-9 (fullwidth, Arabic-Indic, bold ...).
-
-    >>> has_non_ascii_digits("72"), has_non_ascii_digits("\\uff17\\uff12"), has_non_ascii_digits("x\\u00b2")
-    (False, True, True)
-    """
-    return any(ch.isnumeric() for ch in text if ch > "\x7f")
 
 
 def numbers_in(text: str) -> list[Fraction] | None:
@@ -82,10 +75,19 @@ def single_number(text: str) -> Fraction | None:
     """
     if has_non_ascii_digits(text):
         return None
-    numbers = numbers_in(text)
+    numbers = numbers_in(strip_phantoms(text))
     if numbers is None or len(numbers) != 1:
         return None
     return numbers[0]
+
+
+def is_plain_number(text: str) -> bool:
+    """True if `text` is just a number (sign, thousands commas, decimals), nothing around it.
+
+    >>> is_plain_number(" -1,250.5 "), is_plain_number("72 eggs"), is_plain_number("\\frac{1}{2}")
+    (True, False, False)
+    """
+    return _PLAIN_NUMBER.fullmatch(text.strip()) is not None
 
 
 def _reference_number(reference: str) -> Fraction:
@@ -125,7 +127,7 @@ def exact_accuracy(answer: str | None, reference: str) -> float:
     """Numeric equality when the reference is a number, else whitespace-normalised string equality."""
     if answer is None:
         return 0.0
-    if _PLAIN_NUMBER.fullmatch(reference.strip()):
+    if is_plain_number(reference):
         return numeric_accuracy(answer, reference)
     return 1.0 if _normalise_text(answer) == _normalise_text(reference) else 0.0
 
