@@ -1,0 +1,346 @@
+"""The lean forward of the CPU engine: GPT-2 and Qwen2/Llama decoders as small pure functions.
+
+Hugging Face modules are written for training and for every model ever published; on a 2-core CPU
+their per-layer Python (cache objects, mask builders, dispatch) costs as much as the arithmetic of a
+tiny model. Here the weights are read from the HF module once (`lean_from_hf`: q/k/v fused into one
+matrix, GPT-2's Conv1D weights transposed, gate and up fused) and the forward is a handful of torch
+calls per layer:
+
+* `prefill(lm, tokens, seq_lens)` runs several prompts packed into one `[N, d]` sequence (no padding):
+  the linear layers see all tokens at once; attention is causal within each prompt. It returns the
+  logits at each prompt's last position and every layer's keys/values for the engine to cache.
+* `decode_step(lm, cache, tokens, pos, n_ctx)` advances `B` rows by one token each. Row `b` writes
+  its key/value at `pos[b]` of its own cache slot and attends to positions `0..pos[b]`, so rows of
+  different lengths share one batch with a mask instead of padding the prompts.
+
+The cache is preallocated by the engine: `k, v: [L, S, H_kv, T_max, D]` (S row slots). Head-major
+rows make `cache[l, :B, :, :T]` a strided view that batched matmul reads without a copy.
+
+Grouped-query attention never repeats keys: queries are viewed as `[B, H_kv, G, D]` (G query heads
+per key head) and multiplied against `[B, H_kv, T, D]` directly.
+
+Architectures: `gpt2` (learned positions, LayerNorm, GELU, fused c_attn) and the Llama family
+(`llama`, `qwen2`, `mistral`: RoPE, RMSNorm, SwiGLU, GQA, optional q/k/v bias). Anything else, or a
+configuration this file does not reproduce exactly (sliding windows, dynamic RoPE), makes
+`lean_from_hf` return a reason string and the engine falls back to the HF forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+#: RoPE variants whose cos/sin depend on the position only (not on the sequence length), so a table
+#: computed once by the model's own rotary module is exact.
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+_LLAMA_FAMILY = ("llama", "qwen2", "mistral")
+_GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+@dataclass
+class LeanLayer:
+    norm1_w: torch.Tensor  # [d]
+    norm1_b: torch.Tensor | None  # [d] (LayerNorm only)
+    qkv_w: torch.Tensor  # [(H + 2*H_kv) * D, d]
+    qkv_b: torch.Tensor | None  # [(H + 2*H_kv) * D]
+    o_w: torch.Tensor  # [d, H * D]
+    o_b: torch.Tensor | None  # [d]
+    norm2_w: torch.Tensor  # [d]
+    norm2_b: torch.Tensor | None  # [d]
+    up_w: torch.Tensor  # [F, d] (GPT-2) or [2F, d] (gate and up fused, SwiGLU)
+    up_b: torch.Tensor | None  # [F] or [2F]
+    down_w: torch.Tensor  # [d, F]
+    down_b: torch.Tensor | None  # [d]
+    scale: float  # attention scale of this layer
+
+
+@dataclass
+class LeanModel:
+    """Weights of a supported decoder, laid out for `prefill`/`decode_step`, in one dtype."""
+
+    arch: str  # "gpt2" or "llama"
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    eps: float
+    max_len: int  # positions the model was built for
+    embed: torch.Tensor  # [V, d]
+    pos_embed: torch.Tensor | None  # [max_len, d] (GPT-2)
+    rotary: torch.nn.Module | None  # the HF rotary module, used once per table size (Llama family)
+    final_w: torch.Tensor  # [d]
+    final_b: torch.Tensor | None  # [d]
+    lm_head: torch.Tensor  # [V, d]
+    layers: list[LeanLayer]
+    dtype: torch.dtype
+    cos: torch.Tensor | None = None  # [T_table, D/2], filled by `ensure_rope`
+    sin: torch.Tensor | None = None  # [T_table, D/2]
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+
+def _t(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.detach().to(dtype).contiguous()
+
+
+def _cat_bias(*linears, dtype) -> torch.Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    parts = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears]
+    return torch.cat([p.detach() for p in parts]).to(dtype).contiguous()
+
+
+def lean_from_hf(model: torch.nn.Module, dtype: torch.dtype) -> LeanModel | str:
+    """Copy a supported HF causal LM into a `LeanModel`, or return why it is not supported."""
+    cfg = model.config
+    kind = getattr(cfg, "model_type", "")
+    if kind == "gpt2":
+        return _gpt2(model, dtype)
+    if kind in _LLAMA_FAMILY:
+        return _llama(model, dtype)
+    return f"model_type {kind!r} has no lean forward"
+
+
+def _gpt2(model, dtype) -> LeanModel | str:
+    cfg = model.config
+    if cfg.activation_function not in (*_GELU_TANH, "gelu"):
+        return f"gpt2 activation {cfg.activation_function!r} not supported"
+    if getattr(cfg, "add_cross_attention", False):
+        return "gpt2 with cross-attention not supported"
+    tr = model.transformer
+    h, d = cfg.n_head, cfg.n_embd
+    layers = []
+    for i, blk in enumerate(tr.h):
+        scale = (d // h) ** -0.5 if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale /= float(i + 1)
+        # Conv1D stores [in, out]; F.linear wants [out, in]: transpose once here, never per step.
+        layers.append(
+            LeanLayer(
+                norm1_w=_t(blk.ln_1.weight, dtype),
+                norm1_b=_t(blk.ln_1.bias, dtype),
+                qkv_w=_t(blk.attn.c_attn.weight.t(), dtype),
+                qkv_b=_t(blk.attn.c_attn.bias, dtype),
+                o_w=_t(blk.attn.c_proj.weight.t(), dtype),
+                o_b=_t(blk.attn.c_proj.bias, dtype),
+                norm2_w=_t(blk.ln_2.weight, dtype),
+                norm2_b=_t(blk.ln_2.bias, dtype),
+                up_w=_t(blk.mlp.c_fc.weight.t(), dtype),
+                up_b=_t(blk.mlp.c_fc.bias, dtype),
+                down_w=_t(blk.mlp.c_proj.weight.t(), dtype),
+                down_b=_t(blk.mlp.c_proj.bias, dtype),
+                scale=scale,
+            )
+        )
+    return LeanModel(
+        arch="gpt2" if cfg.activation_function in _GELU_TANH else "gpt2-erf",
+        n_heads=h,
+        n_kv_heads=h,
+        head_dim=d // h,
+        eps=cfg.layer_norm_epsilon,
+        max_len=cfg.n_positions,
+        embed=_t(tr.wte.weight, dtype),
+        pos_embed=_t(tr.wpe.weight, dtype),
+        rotary=None,
+        final_w=_t(tr.ln_f.weight, dtype),
+        final_b=_t(tr.ln_f.bias, dtype),
+        lm_head=_t(model.lm_head.weight, dtype),
+        layers=layers,
+        dtype=dtype,
+    )
+
+
+def _llama(model, dtype) -> LeanModel | str:
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"{cfg.model_type} activation {cfg.hidden_act!r} not supported"
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        return f"{cfg.model_type} with sliding-window layers not supported"
+    if cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None):
+        return "mistral with a sliding window not supported"
+    rotary = model.model.rotary_emb
+    if getattr(rotary, "rope_type", "default") not in _STATIC_ROPE:
+        return f"rope type {rotary.rope_type!r} depends on sequence length; not supported"
+    base = model.model
+    h, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // h
+    layers = []
+    for blk in base.layers:
+        at, mlp = blk.self_attn, blk.mlp
+        layers.append(
+            LeanLayer(
+                norm1_w=_t(blk.input_layernorm.weight, dtype),
+                norm1_b=None,
+                qkv_w=_t(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]), dtype),
+                qkv_b=_cat_bias(at.q_proj, at.k_proj, at.v_proj, dtype=dtype),
+                o_w=_t(at.o_proj.weight, dtype),
+                o_b=_t(at.o_proj.bias, dtype),
+                norm2_w=_t(blk.post_attention_layernorm.weight, dtype),
+                norm2_b=None,
+                up_w=_t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dtype),
+                up_b=_cat_bias(mlp.gate_proj, mlp.up_proj, dtype=dtype),
+                down_w=_t(mlp.down_proj.weight, dtype),
+                down_b=_t(mlp.down_proj.bias, dtype),
+                scale=getattr(at, "scaling", head_dim**-0.5),
+            )
+        )
+    return LeanModel(
+        arch="llama",
+        n_heads=h,
+        n_kv_heads=hkv,
+        head_dim=head_dim,
+        eps=cfg.rms_norm_eps,
+        max_len=cfg.max_position_embeddings,
+        embed=_t(base.embed_tokens.weight, dtype),
+        pos_embed=None,
+        rotary=rotary,
+        final_w=_t(base.norm.weight, dtype),
+        final_b=None,
+        lm_head=_t(model.lm_head.weight, dtype),
+        layers=layers,
+        dtype=dtype,
+    )
+
+
+def ensure_rope(lm: LeanModel, n_positions: int) -> None:
+    """Fill the cos/sin table for positions `0..n_positions-1` with the model's own rotary module.
+
+    HF concatenates the frequencies twice (`cat(freqs, freqs)`); keeping one half is enough because
+    `_rope` rotates the two halves of each head with the same angles.
+    """
+    if lm.rotary is None or (lm.cos is not None and lm.cos.shape[0] >= n_positions):
+        return
+    pos = torch.arange(n_positions)[None]  # [1, T]
+    probe = torch.zeros(1, dtype=torch.float32)
+    cos, sin = lm.rotary(probe, pos)  # [1, T, D] each
+    half = lm.head_dim // 2
+    lm.cos = cos[0, :, :half].to(lm.dtype).contiguous()  # [T, D/2]
+    lm.sin = sin[0, :, :half].to(lm.dtype).contiguous()  # [T, D/2]
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def _norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if b is not None:
+        return F.layer_norm(x, x.shape[-1:], w, b, eps)
+    return F.rms_norm(x, x.shape[-1:], w, eps)
+
+
+def _mlp(lm: LeanModel, w: LeanLayer, h: torch.Tensor) -> torch.Tensor:
+    u = F.linear(h, w.up_w, w.up_b)  # [N, F] or [N, 2F]
+    if lm.arch == "llama":
+        gate, up = u.chunk(2, dim=-1)  # [N, F] each
+        u = F.silu(gate) * up  # [N, F]
+    else:
+        u = F.gelu(u, approximate="tanh" if lm.arch == "gpt2" else "none")  # [N, F]
+    return F.linear(u, w.down_w, w.down_b)  # [N, d]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each head's halves (HF's rotate_half convention); x [N, heads, D], cos/sin [N, 1, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)  # [N, heads, D/2] each
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [N, heads, D]
+
+
+def _qkv(lm: LeanModel, w: LeanLayer, h: torch.Tensor, pos: torch.Tensor):
+    """Project and position-encode; h [N, d], pos [N] -> q [N, H, D], k [N, H_kv, D], v [N, H_kv, D]."""
+    n, hq, hkv, dh = h.shape[0], lm.n_heads, lm.n_kv_heads, lm.head_dim
+    qkv = F.linear(h, w.qkv_w, w.qkv_b).view(n, hq + 2 * hkv, dh)  # [N, H + 2*H_kv, D]
+    if lm.cos is None:
+        qk = qkv[:, : hq + hkv]  # [N, H + H_kv, D]
+    else:
+        # q and k heads are adjacent in the fused projection: one rotation covers both.
+        qk = _rope(qkv[:, : hq + hkv], lm.cos[pos][:, None], lm.sin[pos][:, None])  # [N, H + H_kv, D]
+    return qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]
+
+
+def _embed(lm: LeanModel, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    x = lm.embed[tokens]  # [N, d]
+    if lm.pos_embed is not None:
+        x = x + lm.pos_embed[pos]  # [N, d]
+    return x
+
+
+def _logits(lm: LeanModel, x: torch.Tensor) -> torch.Tensor:
+    x = _norm(x, lm.final_w, lm.final_b, lm.eps)  # [B, d]
+    return F.linear(x, lm.lm_head).float()  # [B, V]
+
+
+# --------------------------------------------------------------------------- the two forwards
+
+
+def prefill(lm: LeanModel, tokens: torch.Tensor, seq_lens: list[int]):
+    """Forward packed prompts (positions restart at 0 for each).
+
+    tokens [N] holds the prompts back to back, N = sum(seq_lens). Returns the logits at each prompt's
+    last token [P, V] (fp32) and, per layer, keys and values [N, H_kv, D] for the engine's cache.
+    """
+    pos = torch.cat([torch.arange(t) for t in seq_lens])  # [N]
+    ensure_rope(lm, max(seq_lens))
+    x = _embed(lm, tokens, pos)  # [N, d]
+    hq, dh = lm.n_heads, lm.head_dim
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for w in lm.layers:
+        h = _norm(x, w.norm1_w, w.norm1_b, lm.eps)  # [N, d]
+        q, k, v = _qkv(lm, w, h, pos)  # [N, H, D], [N, H_kv, D], [N, H_kv, D]
+        kv.append((k, v))
+        out = torch.empty(x.shape[0], hq, dh, dtype=x.dtype)  # [N, H, D]
+        start = 0
+        # Causal attention within each prompt; prompts are few and long, so a loop costs little
+        # and wastes nothing on padding or on a block-diagonal mask of size N^2.
+        for t in seq_lens:
+            sl = slice(start, start + t)
+            o = F.scaled_dot_product_attention(
+                q[sl].transpose(0, 1)[None],  # [1, H, t, D]
+                k[sl].transpose(0, 1)[None],  # [1, H_kv, t, D]
+                v[sl].transpose(0, 1)[None],  # [1, H_kv, t, D]
+                is_causal=True,
+                scale=w.scale,
+                enable_gqa=True,
+            )  # [1, H, t, D]
+            out[sl] = o[0].transpose(0, 1)  # [t, H, D]
+            start += t
+        x = x + F.linear(out.view(x.shape[0], hq * dh), w.o_w, w.o_b)  # [N, d]
+        x = x + _mlp(lm, w, _norm(x, w.norm2_w, w.norm2_b, lm.eps))  # [N, d]
+    ends = torch.tensor(seq_lens).cumsum(0) - 1  # [P]
+    return _logits(lm, x[ends]), kv
+
+
+def decode_step(
+    lm: LeanModel,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tokens: torch.Tensor,
+    pos: torch.Tensor,
+    n_ctx: int,
+) -> torch.Tensor:
+    """One token for each of the first B cache rows; returns logits [B, V] (fp32).
+
+    k_cache, v_cache [L, S, H_kv, T_max, D]; tokens [B] are the rows' last tokens, pos [B] their
+    positions (= tokens already cached); n_ctx = max(pos) + 1 bounds the attention span.
+    """
+    b, hq, hkv, dh = tokens.shape[0], lm.n_heads, lm.n_kv_heads, lm.head_dim
+    g = hq // hkv
+    rows = torch.arange(b)  # [B]
+    # Additive mask: row b sees positions 0..pos[b]; shared by all layers.
+    allowed = torch.arange(n_ctx)[None, :] <= pos[:, None]  # [B, T]
+    mask = torch.zeros(b, 1, 1, n_ctx, dtype=lm.dtype).masked_fill_(~allowed[:, None, None], float("-inf"))
+    x = _embed(lm, tokens, pos)  # [B, d]
+    for i, w in enumerate(lm.layers):
+        h = _norm(x, w.norm1_w, w.norm1_b, lm.eps)  # [B, d]
+        q, k, v = _qkv(lm, w, h, pos)  # [B, H, D], [B, H_kv, D], [B, H_kv, D]
+        k_cache[i, rows, :, pos] = k  # [B, H_kv, D] into [L, S, H_kv, T, D]
+        v_cache[i, rows, :, pos] = v
+        keys = k_cache[i, :b, :, :n_ctx]  # [B, H_kv, T, D] (strided view, no copy)
+        vals = v_cache[i, :b, :, :n_ctx]  # [B, H_kv, T, D]
+        qg = q.reshape(b, hkv, g, dh)  # [B, H_kv, G, D]
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(w.scale).add_(mask)  # [B, H_kv, G, T]
+        probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G, T]
+        att = torch.matmul(probs, vals)  # [B, H_kv, G, D]
+        x = x + F.linear(att.reshape(b, hq * dh), w.o_w, w.o_b)  # [B, d]
+        x = x + _mlp(lm, w, _norm(x, w.norm2_w, w.norm2_b, lm.eps))  # [B, d]
+    return _logits(lm, x)
