@@ -12,7 +12,7 @@ verifier against gold answers and adversarial variants (`r1lab.rewards.audit`).
 
 from r1lab.rewards.base import Reward
 from r1lab.rewards.countdown import check_equation, countdown_reward, evaluate_equation
-from r1lab.rewards.grade import VERIFIERS, accuracy, format_reward, grade, overlong_penalty
+from r1lab.rewards.grader import VERIFIERS, accuracy, format_reward, grade, overlong_penalty
 from r1lab.rewards.math_equiv import math_equal, math_reward
 from r1lab.rewards.numeric import RewardError, exact_reward, gsm8k_reward, single_number
 

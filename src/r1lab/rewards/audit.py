@@ -39,7 +39,7 @@ from pathlib import Path
 from r1lab.chat import THINK_CLOSE, THINK_OPEN
 from r1lab.config import R1labError, TaskSpec
 from r1lab.rewards.countdown import EquationError, check_equation, evaluate_equation
-from r1lab.rewards.grade import accuracy
+from r1lab.rewards.grader import accuracy
 from r1lab.rewards.math_equiv import math_equal
 from r1lab.rewards.numeric import is_plain_number, single_number
 from r1lab.tasks.base import Problem

@@ -10,7 +10,9 @@ arithmetic task), "countdown" (an equation over `meta["nums"]` reaching `meta["t
 (`r1lab.rewards.code.code_reward`, tests in a sandbox). Format is 1.0 for a well-formed
 `<think>...</think> answer`. With `spec.overlong_buffer > 0`, DAPO's soft overlong punishment is
 added. The parts are always reported (so logs show which one moved); the score is
-`accuracy_weight * accuracy + format_weight * format + overlong`.
+`accuracy_weight * accuracy + format_weight * format + overlong`. For code, accuracy is 1.0 only
+if every test passes; the fraction passed is reported as the part `pass_rate`, and the answer is
+the extracted program.
 """
 
 from __future__ import annotations
@@ -61,16 +63,17 @@ def _countdown_accuracy(parsed: Parsed, problem: Problem) -> float:
     return 1.0 if parsed.answer is not None and check_equation(parsed.answer, nums, int(target)) else 0.0
 
 
-def _code_accuracy(text: str, problem: Problem) -> float:
+def _code_reward(text: str, problem: Problem) -> Reward:
+    """The code verifier's own reward (imported lazily: it brings the sandbox)."""
     try:
         from r1lab.rewards.code import code_reward
     except ModuleNotFoundError as e:
         if e.name is not None and "r1lab.rewards.code".startswith(e.name):
             raise RewardError(
-                f"problem {problem.id}: the 'code' verifier (r1lab.rewards.code) is not available yet"
+                f"problem {problem.id}: the 'code' verifier (r1lab.rewards.code) is not available"
             ) from None
         raise
-    return float(code_reward(text, problem).parts.get("accuracy", 0.0))
+    return code_reward(text, problem)
 
 
 def accuracy(text: str, parsed: Parsed, problem: Problem) -> float:
@@ -88,7 +91,7 @@ def accuracy(text: str, parsed: Parsed, problem: Problem) -> float:
     if verifier == "countdown":
         return _countdown_accuracy(parsed, problem)
     if verifier == "code":
-        return _code_accuracy(text, problem)
+        return float(_code_reward(text, problem).parts.get("accuracy", 0.0))
     raise RewardError(
         f"problem {problem.id}: unknown verifier {verifier!r} in meta['verifier'] (known: {', '.join(VERIFIERS)})"
     )
@@ -118,9 +121,15 @@ def grade(
     if think_in_prompt:
         text = THINK_OPEN + text
     parsed = parse(text)
-    acc = accuracy(text, parsed, problem)
+    answer, extra = parsed.answer, {}
+    if problem.meta.get("verifier") == "code":  # the answer is the program; keep its partial credit
+        code = _code_reward(text, problem)
+        acc, answer = float(code.parts.get("accuracy", 0.0)), code.answer
+        extra = {"pass_rate": float(code.parts.get("pass_rate", acc))}
+    else:
+        acc = accuracy(text, parsed, problem)
     fmt = 1.0 if parsed.well_formed else 0.0
-    parts = {"accuracy": acc, "format": fmt}
+    parts = {"accuracy": acc, "format": fmt, **extra}
     score = spec.accuracy_weight * acc + spec.format_weight * fmt
     if spec.overlong_buffer > 0:
         if n_tokens is None or max_tokens is None:
@@ -131,4 +140,4 @@ def grade(
             n_tokens, max_tokens, spec.overlong_buffer, spec.overlong_penalty
         )
         score += parts["overlong"]
-    return Reward(score, parts, parsed.answer)
+    return Reward(score, parts, answer)
