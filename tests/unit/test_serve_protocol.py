@@ -148,6 +148,18 @@ def test_stream_split_equals_whole_text_split_for_any_chunking(text):
         assert _stream(text, False, rng) == (reasoning or "", content, think_end)
 
 
+@pytest.mark.parametrize("text", [t for t in TEXTS if split_think(t)[2]])
+def test_well_formed_completions_split_exactly_as_the_graders_parser(text):
+    reasoning, answer, _ = split_think(text)
+    assert split_completion(text)[:2] == (reasoning, answer.lstrip())
+
+
+def test_malformed_completions_lose_no_text():
+    assert split_completion("Hi <think>x</think> y") == (None, "Hi <think>x</think> y", 0)
+    assert split_completion("<think>a</think>b</think>c") == ("a", "b</think>c", 16)
+    assert split_completion("<think>a</think> 4 <think>more") == ("a", "4 <think>more", 16)
+
+
 def test_split_with_think_opened_by_the_prompt():
     text = "r1 r2</think> ans"
     assert split_completion(text, think_in_prompt=True) == ("r1 r2", "ans", 13)

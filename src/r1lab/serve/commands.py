@@ -56,10 +56,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-body-bytes", type=int, default=1_000_000, help="request body cap (413 beyond)")
     parser.add_argument("--seed", type=int, default=0, help="engine seed (requests may pass their own)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=default_threads(),
+        help="torch threads for the cpu engine (default: cores - 1)",
+    )
+
+
+def default_threads() -> int:
+    """All cores but one: the HTTP side (JSON, SSE writes) needs a core of its own, and torch's
+    intra-op threads spin-wait, so sharing every core with the event loop slows both."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("max_batch", "port", "max_body_bytes"):
+    for name in ("max_batch", "port", "max_body_bytes", "threads"):
         if getattr(args, name) < 1:
             raise R1labError(f"--{name.replace('_', '-')}: must be at least 1 (got {getattr(args, name)})")
     if args.max_queue < 0 or args.timeout <= 0 or args.price_per_hour < 0:
@@ -130,6 +142,10 @@ def run(args: argparse.Namespace) -> int:
 
         _import_vllm()  # fail in one line before loading anything
     checkpoint = resolve_checkpoint(args.checkpoint)
+    if args.engine == "cpu":
+        import torch
+
+        torch.set_num_threads(args.threads)
     step_engine, tokenizer, context = build_step_engine(
         args.engine, checkpoint, args.dtype, args.seed, args.max_batch
     )

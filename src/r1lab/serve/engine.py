@@ -45,6 +45,11 @@ class StepEngine(Protocol):
     def has_unfinished(self) -> bool: ...
 
 
+def _deliver(deliveries: list[tuple[asyncio.Queue, SeqEvent]]) -> None:
+    for queue, ev in deliveries:
+        queue.put_nowait(ev)
+
+
 class QueueFull(Exception):
     """The job does not fit: `max_batch` running and `max_queue` waiting sequences are taken."""
 
@@ -90,13 +95,22 @@ class Job:
     def done(self) -> bool:
         return all(s.done for s in self.seqs)
 
-    async def events(self) -> AsyncIterator[SeqEvent]:
-        """Events of all choices, interleaved, until every choice has finished."""
+    async def batches(self) -> AsyncIterator[list[SeqEvent]]:
+        """Events of all choices until every choice has finished, in lists of those already arrived:
+        a reader that falls behind gets several tokens at once (one SSE write instead of many)."""
         remaining = len(self.seqs)
         while remaining:
-            ev: SeqEvent = await self.queue.get()
-            remaining -= ev.finished
-            yield ev
+            batch = [await self.queue.get()]
+            while not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            remaining -= sum(ev.finished for ev in batch)
+            yield batch
+
+    async def events(self) -> AsyncIterator[SeqEvent]:
+        """Events of all choices, one at a time, until every choice has finished."""
+        async for batch in self.batches():
+            for ev in batch:
+                yield ev
 
     def cost(self, price_per_hour: float) -> dict[str, Any]:
         """The `x_r1lab` object: measured seconds, tokens and dollars of this request."""
@@ -205,12 +219,20 @@ class BatchingEngine:
     # ------------------------------------------------------------------ worker thread
 
     def _emit(self, seq: _Seq, ev: SeqEvent) -> None:
-        if ev.finished:
-            seq.done = True
-        try:
-            seq.job.loop.call_soon_threadsafe(seq.job.queue.put_nowait, ev)
-        except RuntimeError:  # the loop is closed: the server is shutting down
-            pass
+        self._emit_many([(seq, ev)])
+
+    def _emit_many(self, items: list[tuple[_Seq, SeqEvent]]) -> None:
+        """Deliver events to their jobs' loops: one thread-safe wake-up per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, SeqEvent]]] = {}
+        for seq, ev in items:
+            if ev.finished:
+                seq.done = True
+            by_loop.setdefault(seq.job.loop, []).append((seq.job.queue, ev))
+        for loop, deliveries in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, deliveries)
+            except RuntimeError:  # the loop is closed: the server is shutting down
+                pass
 
     def _finish(self, seq: _Seq, reason: str, abort: bool) -> None:
         if seq.done:
@@ -273,7 +295,12 @@ class BatchingEngine:
                     self._emit(seq, SeqEvent(seq.index, "", None, True, "abort"))
             self.metrics.count("aborted")
         for seq in admit:
-            self.engine.add_request(seq.key, seq.prompt_ids, seq.params)
+            try:
+                self.engine.add_request(seq.key, seq.prompt_ids, seq.params)
+            except Exception as e:  # a request the engine refuses fails alone, not the batch
+                log.warning("engine refused request %s: %s", seq.key, e)
+                self._running.pop(seq.key, None)
+                self._emit(seq, SeqEvent(seq.index, "", None, True, f"error: {type(e).__name__}"))
         self._expire(time.monotonic())
         if not self._running:
             return
@@ -286,6 +313,7 @@ class BatchingEngine:
         for seq in {s.key: s for s in advanced}.values():
             seq.compute_seconds += share
         stamp = time.monotonic()
+        events = []
         for out in outputs:
             seq = self._running.get(out.request_id)
             if seq is None:
@@ -296,9 +324,9 @@ class BatchingEngine:
                     seq.job.first_token_at = stamp
             if out.finished:
                 self._running.pop(seq.key, None)
-            self._emit(
-                seq, SeqEvent(seq.index, out.text_delta or "", out.token_id, out.finished, out.finish_reason)
-            )
+            ev = SeqEvent(seq.index, out.text_delta or "", out.token_id, out.finished, out.finish_reason)
+            events.append((seq, ev))
+        self._emit_many(events)
 
     def _expire(self, now: float) -> None:
         """End every job past its deadline, running or still waiting."""

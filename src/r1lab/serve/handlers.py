@@ -64,6 +64,10 @@ class _Choice:
             self.finish_reason = ev.finish_reason
 
 
+def _failed(reason: str | None) -> bool:
+    return reason == "timeout" or (reason or "").startswith("error")
+
+
 def _raise_for_failure(reason: str | None) -> None:
     if reason == "timeout":
         raise P.APIError(408, "the request timed out on the server", type="timeout_error", code="timeout")
@@ -230,52 +234,60 @@ class Server:
     async def stream_chat(
         self, job: Job, think_in_prompt: bool, include_usage: bool, record: dict[str, Any]
     ) -> AsyncIterator[str]:
+        """SSE chunks: the role, then reasoning/content deltas, a finish chunk per choice, usage, [DONE].
+
+        Events that arrived together are merged into one delta per choice and written at once."""
         model, created = self.s.model_name, int(time.time())
         extra = {"usage": None} if include_usage else {}
         choices = [_Choice() for _ in job.seqs]
         splitters = [ThinkSplitter(think_in_prompt) for _ in job.seqs]
         pieces = [{"reasoning": "", "content": ""} for _ in job.seqs]
+
+        def chunk(choice_list: list[dict[str, Any]], **more: Any) -> str:
+            return _sse(P.chat_chunk(job.id, model, created, choice_list, **(more or extra)))
+
         try:
-            for i in range(len(job.seqs)):
-                yield _sse(
-                    P.chat_chunk(
-                        job.id,
-                        model,
-                        created,
-                        [P.chunk_choice(i, {"role": "assistant", "content": ""})],
-                        **extra,
-                    )
-                )
+            role = {"role": "assistant", "content": ""}
+            yield "".join(chunk([P.chunk_choice(i, role)]) for i in range(len(job.seqs)))
             remaining = len(job.seqs)
-            async for ev in job.events():
-                choices[ev.index].add(ev)
-                reasoning, content = splitters[ev.index].feed(ev.text)
-                if ev.finished:
-                    if ev.finish_reason == "timeout" or (ev.finish_reason or "").startswith("error"):
-                        yield self._stream_error(ev.finish_reason)
-                        return
-                    more_r, more_c = splitters[ev.index].flush()
-                    reasoning, content = reasoning + more_r, content + more_c
-                pieces[ev.index]["reasoning"] += reasoning
-                pieces[ev.index]["content"] += content
-                delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
-                if delta:
-                    yield _sse(
-                        P.chat_chunk(job.id, model, created, [P.chunk_choice(ev.index, delta)], **extra)
-                    )
-                if ev.finished:
+            async for batch in job.batches():
+                deltas: dict[int, list[str]] = {}
+                finished = []
+                for ev in batch:
+                    choices[ev.index].add(ev)
+                    reasoning, content = splitters[ev.index].feed(ev.text)
+                    if ev.finished:
+                        if _failed(ev.finish_reason):
+                            yield self._stream_error(ev.finish_reason)
+                            return
+                        more_r, more_c = splitters[ev.index].flush()
+                        reasoning, content = reasoning + more_r, content + more_c
+                        finished.append(ev)
+                    d = deltas.setdefault(ev.index, ["", ""])
+                    d[0], d[1] = d[0] + reasoning, d[1] + content
+                out = []
+                for i, (reasoning, content) in deltas.items():
+                    pieces[i]["reasoning"] += reasoning
+                    pieces[i]["content"] += content
+                    delta = {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}
+                    if delta:
+                        out.append(chunk([P.chunk_choice(i, delta)]))
+                for ev in finished:
                     remaining -= 1
                     fin = [P.chunk_choice(ev.index, {}, ev.finish_reason or "stop")]
                     if remaining or include_usage:
-                        yield _sse(P.chat_chunk(job.id, model, created, fin, **extra))
+                        out.append(chunk(fin))
                     else:  # the last chunk carries the cost
                         cost, _ = self._stream_cost(job, choices, splitters, record, pieces)
-                        yield _sse(P.chat_chunk(job.id, model, created, fin, x_r1lab=cost))
+                        out.append(chunk(fin, x_r1lab=cost))
+                if out:
+                    yield "".join(out)
             if include_usage:
                 cost, reasoning_total = self._stream_cost(job, choices, splitters, record, pieces)
                 usage = P.usage(job.prompt_tokens, cost["completion_tokens"], reasoning_total)
-                yield _sse(P.chat_chunk(job.id, model, created, [], usage=usage, x_r1lab=cost))
-            yield "data: [DONE]\n\n"
+                yield chunk([], usage=usage, x_r1lab=cost) + "data: [DONE]\n\n"
+            else:
+                yield "data: [DONE]\n\n"
         finally:
             self.engine.cancel(job)  # no-op when finished; frees the slots when the client left
 
@@ -336,25 +348,25 @@ class Server:
         model, created = self.s.model_name, int(time.time())
         choices = [_Choice() for _ in job.seqs]
         try:
-            async for ev in job.events():
-                choices[ev.index].add(ev)
-                if ev.finished and (
-                    ev.finish_reason == "timeout" or (ev.finish_reason or "").startswith("error")
-                ):
-                    yield self._stream_error(ev.finish_reason)
-                    return
-                if ev.text or ev.finished:
-                    reason = (ev.finish_reason or "stop") if ev.finished else None
-                    yield _sse(
-                        P.text_completion(job.id, model, [P.text_choice(ev.index, ev.text, reason)], created)
-                    )
+            async for batch in job.batches():
+                out = []
+                for ev in batch:
+                    choices[ev.index].add(ev)
+                    if ev.finished and _failed(ev.finish_reason):
+                        yield self._stream_error(ev.finish_reason)
+                        return
+                    if ev.text or ev.finished:
+                        reason = (ev.finish_reason or "stop") if ev.finished else None
+                        text_choice = P.text_choice(ev.index, ev.text, reason)
+                        out.append(_sse(P.text_completion(job.id, model, [text_choice], created)))
+                if out:
+                    yield "".join(out)
             record["choices"] = [{"text": c.text, "finish_reason": c.finish_reason} for c in choices]
             cost = self.finish(job, 0, record)
             tail: dict[str, Any] = {"x_r1lab": cost}
             if include_usage:
                 tail["usage"] = P.usage(job.prompt_tokens, cost["completion_tokens"])
-            yield _sse(P.text_completion(job.id, model, [], created, **tail))
-            yield "data: [DONE]\n\n"
+            yield _sse(P.text_completion(job.id, model, [], created, **tail)) + "data: [DONE]\n\n"
         finally:
             self.engine.cancel(job)
 

@@ -1,13 +1,15 @@
 """Splitting a completion into `reasoning_content` and `content`, whole or while it streams.
 
-A finished completion is split by `r1lab.chat.split_think`, the parser every stage uses. A stream
-cannot look ahead, so `ThinkSplitter` decides as text arrives: text is reasoning from a leading
-`<think>` (or from the start, when the prompt itself ends in `<think>`) up to the first `</think>`,
-and content after it. The tags are never sent. A tag split across deltas (`"</th"` + `"ink>"`) is
-held back until it is complete or proven not to be a tag. For completions with at most one
-`</think>` that open the think block at the start (everything a model trained on the template
-writes), the stream and the whole-text split agree exactly; with several `</think>` the stream
-ends reasoning at the first one, the whole-text parser at the last.
+The rule is DeepSeek's API behaviour, decided left to right so that a stream and the finished text
+always split the same way: the completion is reasoning from a leading `<think>` (or from its first
+character, when the chat template ends the prompt with `<think>`, as DeepSeek-R1's does) up to the
+first `</think>`; everything after that is content. A completion that does not open with `<think>`
+is all content, and nothing the model wrote is dropped. The tags themselves are never sent; a tag
+split across deltas (`"</th"` + `"ink>"`) is held back until it is complete or proven not to be one.
+
+For what a model trained on the template writes (one think block at the start) this is exactly
+`r1lab.chat.split_think`, the parser the graders use; it differs only on malformed text, where the
+grader is strict (text before `<think>` ignored, a re-opened block cut) and the server shows all.
 
 Reasoning tokens are counted by position: a completion token is a reasoning token if its text ends
 at or before the end of the think block.
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 
-from r1lab.chat import THINK_CLOSE, THINK_OPEN, split_think
+from r1lab.chat import THINK_CLOSE, THINK_OPEN
 
 
 def prompt_opens_think(prompt_text: str) -> bool:
@@ -30,22 +32,21 @@ def prompt_opens_think(prompt_text: str) -> bool:
 
 
 def split_completion(text: str, think_in_prompt: bool = False) -> tuple[str | None, str, int]:
-    """`(reasoning or None, content, think_end)` for a finished completion.
+    """`(reasoning or None, content, think_end)` for a finished completion: `ThinkSplitter` run over it.
 
     `think_end` is the character offset where the think block (with its closing tag) ends, 0 if
-    there is none. The content is stripped of the whitespace a model writes after `</think>`.
+    there is none. Whitespace between `</think>` and the answer is dropped.
 
     >>> split_completion("<think>2+2=4</think> 4")
     ('2+2=4', '4', 20)
     >>> split_completion("plain answer")
     (None, 'plain answer', 0)
     """
-    reasoning, answer, _ = split_think(text, think_in_prompt)
-    if not (think_in_prompt or THINK_OPEN in text or THINK_CLOSE in text):
-        return None, text, 0
-    close = text.rfind(THINK_CLOSE)
-    think_end = close + len(THINK_CLOSE) if close >= 0 else len(text)
-    return reasoning, answer.lstrip(), think_end
+    splitter = ThinkSplitter(think_in_prompt)
+    r1, c1 = splitter.feed(text)
+    r2, c2 = splitter.flush()
+    reasoning = r1 + r2 if splitter.opened else None
+    return reasoning, c1 + c2, splitter.think_end
 
 
 def count_reasoning_tokens(token_ends: list[int], think_end: int) -> int:
@@ -112,6 +113,11 @@ class ThinkSplitter:
                 content = content.lstrip()
                 self._strip_lead = not content
         return reasoning, content
+
+    @property
+    def opened(self) -> bool:
+        """Whether the completion has a think block (open or closed)."""
+        return self.state == "reasoning" or self.think_end > 0
 
     def flush(self) -> tuple[str, str]:
         """Release what is held back once the stream has ended."""
