@@ -51,10 +51,11 @@ R1_SYSTEM_PROMPT = (
 
 _PHRASES = ("final answer is", "the answer is", "answer:", "####")
 _BOX_OPENERS = ("\\boxed{", "\\fbox{")
-# A literal alternation: the regex engine cannot backtrack on it, so a scan is linear. Matching
-# in place (not in a lower-cased copy) keeps indices right: "İ".lower() is two characters long.
 _BRACE_RE = re.compile("[{}]")
 _OPENS_WITH_THINK = re.compile(r"\s*" + re.escape(THINK_OPEN))  # without copying text.lstrip()
+# For text whose lower-cased copy changes length ("İ".lower() is two characters), indices found in
+# the copy would be wrong, so the phrases are matched in place. A literal alternation cannot
+# backtrack: the scan is linear.
 _PHRASE_RE = re.compile("|".join(re.escape(p) for p in _PHRASES), re.IGNORECASE | re.ASCII)
 
 

@@ -1,7 +1,8 @@
-"""`r1lab audit-verifier TASK [--limit N] [--json PATH]`: does the task's verifier grade what it should?
+"""`r1lab audit-verifier TASK [--limit N] [--json PATH] [--workers W]`: does the verifier grade right?
 
 A reward that can be fooled is what RL learns to exploit, so every verifier is checked on each
-problem of the task's test split, through `grade` (exactly what RL and evaluation call):
+problem of the task's test split, through the same parse and verifier `grade` uses (its accuracy
+part, `r1lab.rewards.grader.accuracy`), exactly what RL and evaluation see:
 
   gold answers, written as a model would; all must be ACCEPTED
     gold_boxed       `<think>...</think> ... \\boxed{gold}`
@@ -12,8 +13,8 @@ problem of the task's test split, through `grade` (exactly what RL and evaluatio
     empty            the empty completion
     think_only       the gold only inside the think block (closed, and never closed)
     candidates       `\\boxed{a} \\boxed{gold} \\boxed{b}`, "the answer is a or gold"
-    long_padding     megabytes of padding around a wrong answer
-    huge_answer      a megabyte-long answer
+    long_padding     megabytes of padding around a wrong answer   (every LONG_EVERY-th problem)
+    huge_answer      a megabyte-long answer                       (every LONG_EVERY-th problem)
     digits:*         the gold's digits in fullwidth, mathematical bold, Arabic-Indic
     latex_tricks     `\\boxed{\\text{gold}+1}`, `\\phantom{gold}`, gold in a `\\text{}` comment next
                      to a wrong box, `\\boxed{}`
@@ -191,7 +192,7 @@ def _miss_target(nums: list[int], target: int) -> str:
                 return eq
         except EquationError:
             continue
-    return f"({' + '.join(map(str, nums))}) * 2"  # unreachable: sum, product and difference all hit it
+    return f"({' + '.join(map(str, nums))}) * 2"  # sum, product and difference all hit it: rare
 
 
 def variants_for(problem: Problem, other: Problem | None, long: bool = True) -> list[Variant]:
@@ -284,6 +285,7 @@ def _table(task: str, tallies: dict[str, Tally]):
 def add_arguments(parser) -> None:
     parser.add_argument("task", help="task name, e.g. gsm8k, math500, aime2024, countdown-hf, arithmetic")
     parser.add_argument("--limit", type=int, default=None, help="audit only the first N test problems")
+    parser.add_argument("--path", default=None, help="data file for file-backed tasks (e.g. jsonl)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write counts and failures as JSON")
     parser.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes grading in parallel"
@@ -297,7 +299,7 @@ def run(args) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise R1labError(f"--limit must be >= 1 (got {args.limit})")
-    problems = load_task(TaskSpec(name=args.task, split="test", limit=args.limit))
+    problems = load_task(TaskSpec(name=args.task, split="test", limit=args.limit, path=args.path))
     if not problems:
         raise R1labError(f"task {args.task!r}: no test problems")
     tallies = audit(problems, workers=args.workers)
