@@ -95,8 +95,9 @@ def test_report_renders_in_chromium(tmp_path):
             rows = {
                 t: page.locator(f"#{t} tbody tr").count() for t in ("runs-table", "eval-table", "cost-table")
             }
-            # cost: actual, estimate here, estimate on a GPU, for each run
-            assert rows == {"runs-table": 2, "eval-table": 2, "cost-table": 6}
+            # per run: eval.json and the last held-out eval in metrics.jsonl; cost: actual, estimate
+            # here, estimate on a GPU
+            assert rows == {"runs-table": 2, "eval-table": 4, "cost-table": 6}
             assert page.locator("#runs-table").inner_text().count("150") == 2
             trace = page.locator("details.trace").nth(1)
             trace.locator("summary").click()

@@ -141,3 +141,12 @@ def test_report_command_default_output(tmp_path, capsys):
     run = fake_run(tmp_path / "grpo")
     assert main(["report", str(run), "--price-per-hour", "0.5"]) == 0
     assert (run / "report.html").is_file() and "wrote" in capsys.readouterr().out
+
+
+def test_held_out_row_from_metrics_when_there_is_no_summary(tmp_path):
+    run_dir = fake_run(tmp_path / "grpo", eval_file=False)
+    (run_dir / "summary.json").unlink()
+    run = load_run(run_dir)
+    header, rows = eval_table([run])
+    assert [r[1] for r in rows] == ["held-out, step 80"]
+    assert rows[0][header.index("pass@1")] == f"{100 * run.metrics[79]['eval/pass@1']:.1f}%"

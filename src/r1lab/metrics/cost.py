@@ -311,14 +311,16 @@ def fmt_duration(seconds: float | None) -> str:
 
 
 def fmt_dollars(x: float | None) -> str:
-    """Dollars, with significant digits kept for fractions of a cent.
+    """Dollars: cents, three significant digits below a cent, and no sub-0.01-cent noise.
 
-    >>> fmt_dollars(1234.5), fmt_dollars(0.0), fmt_dollars(0.000123), fmt_dollars(4e-5), fmt_dollars(0.005)
-    ('$1,234.50', '$0.00', '$0.000123', '$0.00004', '$0.005')
+    >>> fmt_dollars(1234.5), fmt_dollars(0.0), fmt_dollars(0.000123), fmt_dollars(0.005), fmt_dollars(4e-8)
+    ('$1,234.50', '$0.00', '$0.000123', '$0.005', '<$0.0001')
     """
     if x is None:
         return "-"
     if x >= 0.01 or x <= 0:
         return f"${x:,.2f}"
+    if x < 1e-4:
+        return "<$0.0001"
     digits = 2 - math.floor(math.log10(x))  # three significant digits, never scientific notation
     return "$" + f"{x:.{digits}f}".rstrip("0")

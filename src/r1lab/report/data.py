@@ -148,9 +148,13 @@ def load_run(path: str | Path, name: str | None = None) -> RunData:
     if (run / "summary.json").is_file():
         s = _read_json(run / "summary.json")
         data.summary = s if isinstance(s, dict) else {}
-        held_out = held_out_from_summary(data.summary)
-        if held_out:
-            data.evals.append(("summary.json (held-out)", held_out))
+    held_out = held_out_from_summary(data.summary)
+    if held_out:
+        data.evals.append(("summary.json (held-out)", held_out))
+    else:  # no summary (yet): the newest held-out evaluation the training loop logged
+        last = next((r for r in reversed(data.metrics) if held_out_from_summary(r)), None)
+        if last is not None:
+            data.evals.append((f"held-out, step {last.get('step', '?')}", held_out_from_summary(last)))
     for p in sorted(run.glob("eval*.json")):
         data.evals.append((p.stem, _eval_summary(_read_json(p))))
     if (run / "estimate.json").is_file():

@@ -44,6 +44,7 @@ th, td { padding: 7px 12px; text-align: right; border-bottom: 1px solid var(--li
 th { background: #fafbfc; font-weight: 600; color: #344054; font-size: 13px; }
 th:first-child, td:first-child, th:nth-child(2), td:nth-child(2) { text-align: left; }
 #runs-table td:nth-child(2) { white-space: normal; word-break: break-all; color: var(--muted); font-size: 12.5px; }
+#cost-table td:nth-child(2) { white-space: normal; min-width: 200px; }
 #runs-table td:nth-child(3) { color: var(--muted); font-size: 12.5px; }
 tbody tr:nth-child(even) { background: #fcfcfd; }
 tbody tr:last-child td { border-bottom: 0; }

@@ -94,11 +94,23 @@ def ema(values: Sequence[float], span: float) -> list[float]:
     return out
 
 
+def flat_range(value: float, rate: bool) -> tuple[float, float]:
+    """y-limits for a constant curve: the whole 0-100% for a rate, else the value +- half of it.
+
+    >>> flat_range(0.0, rate=True), flat_range(0.0, rate=False), flat_range(-2.0, rate=False)
+    ((0.0, 1.0), (0.0, 1.0), (-3.0, -1.0))
+    """
+    if rate or value == 0:
+        return (0.0, 1.0) if 0 <= value <= 1 else (value - 0.5, value + 0.5)
+    pad = abs(value) * 0.5
+    return value - pad, value + pad
+
+
 def plot_png(spec: PlotSpec, runs: Sequence[tuple[str, Sequence[dict[str, Any]]]]) -> str | None:
     """One figure for `spec` with every run that has data, as a base64 PNG; None if no run has any."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import PercentFormatter
+    from matplotlib.ticker import MaxNLocator, PercentFormatter
 
     fig = Figure(figsize=(5.6, 3.3), dpi=110)
     FigureCanvasAgg(fig)
@@ -127,19 +139,18 @@ def plot_png(spec: PlotSpec, runs: Sequence[tuple[str, Sequence[dict[str, Any]]]
     ax.set_xlabel("step", fontsize=9)
     ax.set_ylabel(spec.ylabel, fontsize=9)
     ax.tick_params(labelsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(True, color="#e5e5e5", linewidth=0.7)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    if hi - lo < 1e-12:  # a flat line: give it a readable range instead of ticks that differ in the 4th digit
-        pad = max(abs(hi) * 0.5, 0.01)
-        ax.set_ylim(lo - pad if not spec.rate else max(0.0, lo - pad), hi + pad)
+    if hi - lo < 1e-12:  # a flat line: a readable range instead of ticks that differ in the 4th digit
+        ax.set_ylim(*flat_range(lo, spec.rate))
     if spec.rate:
         ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=None))
     if len(runs) > 1 or len(spec.keys) > 1:
         ax.legend(fontsize=8, frameon=False)
-    fig.subplots_adjust(
-        left=0.12, right=0.98, top=0.9, bottom=0.15
-    )  # fixed margins: tight_layout costs a draw
+    # fixed margins, wide enough for 7-character tick labels: a layout engine would double the time
+    fig.subplots_adjust(left=0.14, right=0.98, top=0.9, bottom=0.15)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return base64.b64encode(buf.getvalue()).decode("ascii")
