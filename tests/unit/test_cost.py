@@ -83,7 +83,7 @@ def test_estimate_command_writes_estimate_json(tmp_path, capsys):
     recipe.write_text(GRPO)
     run_dir = tmp_path / "run"
     argv = ["estimate", str(recipe), "rl.steps=20", "--params", "1e6", "--prompt-tokens", "10", "--peak", "1e10",
-            "--gpu", "A100", "--price-per-hour", "2", "--run-dir", str(run_dir)]  # fmt: skip
+            "--gpu", "A100", "--price-per-hour", "2", "--run-dir", str(run_dir), "--calibrate", "off"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "1 x A100" in out and "FLOPs total" in out
@@ -121,3 +121,13 @@ def test_model_params_are_the_matmul_params_the_training_loops_use(tmp_path):
     expected = matmul_params(AutoModelForCausalLM.from_config(config))
     assert model_params(str(tmp_path), None, "r.yaml") == expected
     assert model_params(str(tmp_path), 123.0, "r.yaml") == 123.0  # --params wins
+
+
+def test_calibration_times_the_model_itself():
+    from r1lab.metrics.estimate_commands import calibrate
+
+    cal = calibrate("gpt2-1m", {"rows": 4, "seq_tokens": 16}, {"gen": "float32", "train": "float32"})
+    assert cal["rows"] == 4
+    assert cal["gen_tokens_per_s"] > 0 and cal["train_tokens_per_s"] > 0
+    n = cal["gen_flops_per_s"] / cal["gen_tokens_per_s"] / 2  # the N it counted with
+    assert cal["train_flops_per_s"] == pytest.approx(6 * n * cal["train_tokens_per_s"])

@@ -15,6 +15,11 @@ What the recipe is decides what is counted (see `r1lab.metrics.cost` for the FLO
 * SFT (`stage: sft`; `r1lab.sft.config.SFTConfig`): the tokens of every conversation in `data`
   (chat JSONL), `epochs` times or `max_steps` x `batch_size` conversations, whichever is fewer.
 
+*Here* assumes the utilisation of `r1lab.metrics.cost` for large models; a model of at most 50M
+parameters (a tiny preset, a local checkpoint) is timed instead (`--calibrate`, seconds): one batch
+of completions with the CPU engine and a few training steps, because small models spend most of
+their time outside matmuls and would otherwise be estimated orders of magnitude too fast.
+
 Completions are counted at `sampling.max_tokens` each (an upper bound: every completion runs to the
 limit) unless `--fill` says what fraction of it they use on average. The model's size comes from
 the checkpoint's safetensors headers (or a tiny preset's config), or `--params`. Prompt length is
@@ -24,12 +29,14 @@ measured with the model's tokenizer on up to 64 of the task's problems, or `--pr
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from r1lab.config import R1labError, add_recipe_arguments, read_yaml, recipe_and_overrides
 from r1lab.metrics import cost
 
 PROMPT_SAMPLE = 64  # problems tokenised to measure the mean prompt length
+CALIBRATE_MAX_PARAMS = 50e6  # --calibrate auto times models up to this size (seconds for them)
 
 
 class EstimateError(R1labError):
@@ -66,6 +73,10 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--seconds", type=float, default=2.0, help="time spent measuring the matmul peak")
     parser.add_argument("--run-dir", default=None, help="write estimate.json into this run directory")
+    parser.add_argument(
+        "--calibrate", choices=["auto", "on", "off"], default="auto",
+        help="time the model itself here instead of assuming utilisation (auto: models up to 50M parameters)",
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- recipe facts
@@ -189,8 +200,9 @@ def grpo_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, d
     n_evals = max(1, rl.steps // cfg.eval_every) if cfg.eval_every else 1
     work = work + cost.eval_workload(n, cfg.eval_problems * n_evals, cfg.eval_k, ptok, ctok)
     dtypes = {"gen": cfg.engine_dtype, "train": "bfloat16" if rl.autocast_bf16 else "float32"}
-    facts = {"kind": "grpo", "model": cfg.model, "prompt_tokens": ptok, "prompt_tokens_source": how,
-             "completion_tokens": ctok, "evaluations": n_evals, "dtypes": dtypes}  # fmt: skip
+    facts = {"kind": "grpo", "model": cfg.model, "model_ref": cfg.model, "prompt_tokens": ptok, "prompt_tokens_source": how,
+             "completion_tokens": ctok, "evaluations": n_evals, "dtypes": dtypes,
+             "batch": {"rows": rl.prompts_per_step * rl.group_size, "seq_tokens": ptok + ctok}}  # fmt: skip
     return work, facts
 
 
@@ -203,7 +215,7 @@ def eval_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, d
     n = model_params(cfg.model.path, args.params, recipe)
     ctok = cfg.sampling.max_tokens * args.fill
     work = cost.Workload(n)
-    counts = []
+    counts, ptok = [], 0.0
     for spec in cfg.tasks:
         if cfg.limit is not None:
             spec = spec.model_copy(update={"limit": min(cfg.limit, spec.limit or cfg.limit)})
@@ -213,8 +225,9 @@ def eval_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, d
         counts.append(
             {"task": spec.name, "problems": problems, "prompt_tokens": ptok, "prompt_tokens_source": how}
         )
-    facts = {"kind": "eval", "model": cfg.model.describe(), "k": cfg.k, "tasks": counts,
-             "completion_tokens": ctok, "dtypes": {"gen": cfg.model.dtype}}  # fmt: skip
+    facts = {"kind": "eval", "model": cfg.model.describe(), "model_ref": cfg.model.path, "k": cfg.k, "tasks": counts,
+             "completion_tokens": ctok, "dtypes": {"gen": cfg.model.dtype},
+             "batch": {"rows": cfg.batch_prompts * cfg.k, "seq_tokens": ptok + ctok}}  # fmt: skip
     return work, facts
 
 
@@ -263,9 +276,75 @@ def sft_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, di
         seen = min(seen, cfg.max_steps * cfg.batch_size)
     work = cost.sft_workload(n, per_conv * seen, epochs=1)
     dtype = "bfloat16" if cfg.autocast_bf16 else "float32"
-    facts = {"kind": "sft", "model": cfg.model, "conversations": len(convs), "conversations_trained": seen,
-             "tokens_per_conversation": per_conv, "tokens_source": how, "dtypes": {"train": dtype}}  # fmt: skip
+    facts = {"kind": "sft", "model": cfg.model, "model_ref": cfg.model, "conversations": len(convs), "conversations_trained": seen,
+             "tokens_per_conversation": per_conv, "tokens_source": how, "dtypes": {"train": dtype},
+             "batch": {"rows": cfg.batch_size, "seq_tokens": per_conv}}  # fmt: skip
     return work, facts
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _local_model(model: str | None) -> str | None:
+    """The model if it can be loaded here for calibration (a checkpoint directory or a tiny preset)."""
+    if not model:
+        return None
+    if (Path(model) / "config.json").is_file():
+        return model
+    if "/" not in model:
+        from r1lab.modeling import PRESETS
+
+        return model if model in PRESETS else None
+    return None
+
+
+def calibrate(model: str, batch: dict, dtypes: dict) -> dict:
+    """Time the model itself here: one batch of completions with the CPU engine, and a few training
+    forward+backward passes. Small models spend most of their time outside matmuls (Python, kernel
+    launches, sampling), so their achieved FLOP/s is far below the matmul peak; this measures it.
+
+    The batch is the recipe's (rows sampled at once, capped at 256); completions are cut at 32 tokens
+    and training rows at 32 x 256 tokens, so calibration takes seconds.
+    """
+    import torch
+
+    from r1lab.modeling import build_char_tokenizer, build_model, load_model, matmul_params
+    from r1lab.rollout import CPUEngine, SamplingParams
+
+    if (Path(model) / "config.json").is_file():
+        net, tok = load_model(model, "float32")
+    else:
+        tok = build_char_tokenizer()
+        net = build_model(model, tok, seed=0)
+    n = matmul_params(net)
+    rows = int(min(max(batch["rows"], 1), 256))
+    engine = CPUEngine(net, tok, dtype=dtypes.get("gen", "float32"), seed=0)
+    prompt = [{"role": "user", "content": "123+456"}]
+    engine.generate([prompt], 2, SamplingParams(max_tokens=2))  # warm-up: first-call allocations
+    t0 = time.perf_counter()
+    outs = engine.generate([prompt], rows, SamplingParams(temperature=1.0, max_tokens=32, seed=0))
+    gen_s = time.perf_counter() - t0
+    gen_tokens = sum(len(c.token_ids) for c in outs)
+
+    b, t = min(rows, 32), int(min(max(batch["seq_tokens"], 8), 256))
+    ids = torch.randint(0, len(tok), (b, t))  # [b, t]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtypes.get("train") == "bfloat16")
+    net.train()
+    best = float("inf")
+    for _ in range(3):  # the first pass pays for allocations; keep the best of the rest
+        t0 = time.perf_counter()
+        with autocast:
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        net.zero_grad(set_to_none=True)
+        best = min(best, time.perf_counter() - t0)
+    return {
+        "gen_flops_per_s": 2 * n * gen_tokens / gen_s,
+        "gen_tokens_per_s": gen_tokens / gen_s,
+        "train_flops_per_s": 6 * n * b * t / best,
+        "train_tokens_per_s": b * t / best,
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------------- the command
@@ -287,13 +366,29 @@ def estimate_recipe(recipe: str, overrides: list[str], args) -> dict:
         if args.peak is None and dtype not in measured:
             measured[dtype] = cost.measure_matmul_peak(dtype, args.seconds)
         peaks[phase] = args.peak if args.peak is not None else measured[dtype]
+    fractions = {"gen_fraction": cost.DEFAULT_GEN_FRACTION, "train_fraction": cost.DEFAULT_TRAIN_FRACTION}
+    if args.calibrate == "on" or (args.calibrate == "auto" and work.n_params <= CALIBRATE_MAX_PARAMS):
+        local = _local_model(facts.pop("model_ref"))
+        if local is None:
+            if args.calibrate == "on":
+                raise EstimateError(
+                    f"{recipe}: --calibrate on needs a local checkpoint or a tiny preset as the model"
+                )
+        else:
+            facts["calibration"] = calibrate(local, facts["batch"], facts["dtypes"])
+            for phase, key in (("gen", "gen_fraction"), ("train", "train_fraction")):
+                rate = facts["calibration"][f"{phase}_flops_per_s"]
+                peak = peaks.get(phase) or peaks.get("gen") or peaks["train"]
+                # clamped: a busy machine can under-measure the peak; a model that stops at once, the rate
+                fractions[key] = min(1.0, max(rate / peak, 1e-6))
     try:
         out = cost.estimate(
-            work, peaks.get("gen") or peaks["train"], gpu, mfu=args.mfu, gen_mfu=args.gen_mfu, price_per_hour=args.price_per_hour,
+            work, peaks.get("gen") or peaks["train"], gpu, **fractions, mfu=args.mfu, gen_mfu=args.gen_mfu, price_per_hour=args.price_per_hour,
             n_gpus=args.gpus, local_price_per_hour=args.local_price_per_hour, here_train_peak=peaks.get("train"),
         )  # fmt: skip
     except ValueError as e:
         raise EstimateError(str(e)) from None
+    facts.pop("model_ref", None)
     out.update(recipe=str(recipe), **facts)
     return out
 
@@ -345,6 +440,12 @@ def print_estimate(est: dict) -> None:
     )
     if "prompt_tokens" in est:
         notes.append(f"prompts {est['prompt_tokens']:.0f} tokens ({est['prompt_tokens_source']})")
+    cal = est.get("calibration")
+    if cal:
+        notes.append(
+            f"here: this model measured at {cal['gen_tokens_per_s']:,.0f} tok/s generating ({cal['rows']} rows at once)"
+            f" and {cal['train_tokens_per_s']:,.0f} tok/s training"
+        )
     if notes:
         console.print("; ".join(notes))
 
