@@ -186,3 +186,27 @@ def test_step_time_is_split_among_the_sequences_it_advanced():
     cost = jobs[0].cost(3600.0)
     assert cost["usd"] == pytest.approx(sum(s.compute_seconds for s in jobs[0].seqs))  # $1 per second
     assert cost["completion_tokens"] == len(REPLY) + 1 and cost["prompt_tokens"] == 1
+
+
+def test_requests_the_engine_refuses_or_loses_fail_alone():
+    class Picky(ScriptedEngine):
+        def add_request(self, request_id, prompt_ids, params):
+            if prompt_ids == [666]:
+                raise ValueError("prompt too long")
+            if prompt_ids == [404]:
+                return  # accepted, then never produced: the worker must not spin on it
+            super().add_request(request_id, prompt_ids, params)
+
+    engine = BatchingEngine(Picky(REPLY), max_batch=4, max_queue=4)
+
+    async def main():
+        engine.start()
+        try:
+            jobs = [engine.submit(f"j{i}", [(ids, PARAMS)], 1) for i, ids in enumerate(([666], [404], [1]))]
+            return await asyncio.gather(*(_text(j) for j in jobs))
+        finally:
+            engine.close()
+
+    refused, lost, fine = _run(main())
+    assert refused[1] == ["error: ValueError"] and lost[1] == ["error: lost by the engine"]
+    assert fine == ([REPLY], ["stop"])

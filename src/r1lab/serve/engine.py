@@ -288,6 +288,8 @@ class BatchingEngine:
 
     def _iterate(self, admit: list[_Seq], cancels: list[Job]) -> None:
         for job in cancels:
+            if job.done:  # it finished while the cancel was on its way
+                continue
             for seq in job.seqs:
                 if seq.key in self._running:
                     self._finish(seq, "abort", abort=True)
@@ -308,6 +310,10 @@ class BatchingEngine:
         outputs = self.engine.step()
         dt = time.perf_counter() - t0
         self.metrics.add_step(dt)
+        if not outputs and not self.engine.has_unfinished():  # never spin on requests the engine lost
+            for seq in list(self._running.values()):
+                self._finish(seq, "error: lost by the engine", abort=False)
+            return
         advanced = [self._running[o.request_id] for o in outputs if o.request_id in self._running]
         share = dt / max(1, len({s.key for s in advanced}))
         for seq in {s.key: s for s in advanced}.values():

@@ -35,6 +35,7 @@ from r1lab.serve.reasoning import ThinkSplitter, count_reasoning_tokens, split_c
 
 log = logging.getLogger("r1lab.serve")
 DISCONNECT_POLL_S = 0.2
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffering of streams
 
 
 @dataclass
@@ -215,9 +216,7 @@ class Server:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self.stream_chat(job, think_in_prompt, include_usage, record)
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
         choices = await self.collect(request, job)
         if not choices:
             return Response(status_code=499)
@@ -330,9 +329,7 @@ class Server:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             stream = self.stream_text(job, include_usage, record)
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
+            return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
         choices = await self.collect(request, job)
         if not choices:
             return Response(status_code=499)
@@ -341,7 +338,7 @@ class Server:
         cost = self.finish(job, 0, record)
         usage = P.usage(job.prompt_tokens, cost["completion_tokens"])
         return JSONResponse(
-            P.text_completion(job.id, self.s.model_name, out, self.s.created, usage=usage, x_r1lab=cost)
+            P.text_completion(job.id, self.s.model_name, out, int(time.time()), usage=usage, x_r1lab=cost)
         )
 
     async def stream_text(self, job: Job, include_usage: bool, record: dict[str, Any]) -> AsyncIterator[str]:
@@ -349,16 +346,21 @@ class Server:
         choices = [_Choice() for _ in job.seqs]
         try:
             async for batch in job.batches():
-                out = []
+                texts: dict[int, list] = {}  # choice -> [text that arrived together, finish reason]
                 for ev in batch:
                     choices[ev.index].add(ev)
                     if ev.finished and _failed(ev.finish_reason):
                         yield self._stream_error(ev.finish_reason)
                         return
-                    if ev.text or ev.finished:
-                        reason = (ev.finish_reason or "stop") if ev.finished else None
-                        text_choice = P.text_choice(ev.index, ev.text, reason)
-                        out.append(_sse(P.text_completion(job.id, model, [text_choice], created)))
+                    entry = texts.setdefault(ev.index, ["", None])
+                    entry[0] += ev.text
+                    if ev.finished:
+                        entry[1] = ev.finish_reason or "stop"
+                out = [
+                    _sse(P.text_completion(job.id, model, [P.text_choice(i, text, reason)], created))
+                    for i, (text, reason) in texts.items()
+                    if text or reason
+                ]
                 if out:
                     yield "".join(out)
             record["choices"] = [{"text": c.text, "finish_reason": c.finish_reason} for c in choices]
