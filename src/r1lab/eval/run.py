@@ -26,7 +26,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r1lab.chat import parse
 from r1lab.config import R1labError, RewardSpec
 from r1lab.eval.metrics import aggregate, ks_for, majority_vote, normalise_answer
 from r1lab.rewards.base import Reward
@@ -56,7 +55,7 @@ class SampleRecord:
     parts: dict[str, float]
     n_tokens: int | None  # completion tokens (None: an endpoint that reported no usage)
     finish_reason: str  # "stop", "length", or "error" (an endpoint never delivered it; not graded)
-    well_formed: bool  # <think>...</think> then a non-empty answer (r1lab.chat.parse)
+    well_formed: bool  # <think>...</think> then a non-empty answer: the grader's format part is positive
 
 
 @dataclass(frozen=True)
@@ -137,7 +136,7 @@ def _grade_chunk(
                 parts={k_: float(v) for k_, v in r.parts.items()},
                 n_tokens=n_tokens,
                 finish_reason=c.finish_reason,
-                well_formed=parse(text).well_formed,
+                well_formed=r.parts.get("format", 0.0) > 0.0,  # grade() parses once, with r1lab.chat
             )
         )
     return records
