@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "build a tiny base, evaluate, run GRPO, evaluate again, print the table",
     ),
     "pretrain": (
-        "r1lab.modeling.commands",
+        "r1lab.pretrain",
         "train a tiny base model from scratch on a synthetic task corpus",
     ),
     "grpo": ("r1lab.rl.commands", "reinforcement learning with verifiable rewards (GRPO / Dr. GRPO / DAPO)"),
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if e.name is not None and module_name.startswith(e.name):
+        if e.name is not None and (e.name == module_name or module_name.startswith(e.name + ".")):
             print(f"r1lab {name}: not yet available", file=sys.stderr)
             return 1
         raise

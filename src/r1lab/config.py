@@ -92,6 +92,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string; people mean the number
+            value = (
+                float(value) if any(c in value.lower() for c in "e.") and value.strip() == value else value
+            )
+        except ValueError:
+            pass
     return key.split("."), value
 
 

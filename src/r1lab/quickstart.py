@@ -31,7 +31,7 @@ from r1lab.config import (
 )
 from r1lab.metrics import emergence_stats
 from r1lab.metrics.run import RunDir
-from r1lab.modeling.pretrain import PretrainConfig
+from r1lab.pretrain import PretrainConfig
 from r1lab.rl.config import GRPOConfig, RLSection
 
 DEFAULT_OUT = "runs/quickstart"
@@ -108,7 +108,7 @@ def evaluate_model(model_dir: Path, cfg: QuickstartConfig, tag: str, out: Path) 
 
 def build_base(cfg: QuickstartConfig, out: Path) -> tuple[Path, float, float]:
     """Pretrain the base (or reuse it when built with identical settings); returns (dir, seconds, flops)."""
-    from r1lab.modeling.pretrain import pretrain
+    from r1lab.pretrain import pretrain
 
     pre = cfg.pretrain.model_copy(update={"out": str(out / "base"), "seed": cfg.seed})
     base_dir = out / "base" / "model"

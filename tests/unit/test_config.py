@@ -110,11 +110,6 @@ def test_parse_override(text, keys, value):
     assert parse_override(text) == (keys, value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parse_override's docstring promises 'rl.lr=3e-4' -> 0.0003, but yaml.safe_load returns the "
-    "string '3e-4' (YAML 1.1 floats need a dot); untyped fields such as task.options get a string",
-)
 def test_parse_override_reads_exponent_floats_as_floats():
     assert parse_override("rl.lr=3e-4") == (["rl", "lr"], 3e-4)
 

@@ -23,7 +23,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.y*ml"
 # Stages whose config class does not follow the naming rule below.
 STAGE_CONFIGS = {
     "quickstart": ("r1lab.quickstart", "QuickstartConfig"),
-    "pretrain": ("r1lab.modeling.pretrain", "PretrainConfig"),
+    "pretrain": ("r1lab.pretrain", "PretrainConfig"),
     "grpo": ("r1lab.rl.config", "GRPOConfig"),
 }
 

@@ -56,9 +56,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def _clean(value):
-    """JSON-safe scalars: NaN/inf become None so metrics.jsonl stays valid JSON."""
+    """JSON-safe values, recursively: NaN/inf become None so every file stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
     return value
 
 
@@ -78,9 +82,14 @@ class RunDir:
 
     def log(self, record: dict) -> None:
         """Append one step's metrics as a JSON line (flushed, so a killed run keeps its history)."""
-        row = {k: _clean(v) for k, v in record.items()}
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        line = json.dumps(_clean(record), allow_nan=False) + "\n"
+        with open(self.metrics_path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # a line torn by a kill: end it, so this record stays whole
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
@@ -109,7 +118,7 @@ class RunDir:
 
     def write_json(self, name: str, data: dict) -> Path:
         path = self.path / name
-        atomic_write_text(path, json.dumps(data, indent=2, default=_clean) + "\n")
+        atomic_write_text(path, json.dumps(_clean(data), indent=2, allow_nan=False, default=str) + "\n")
         return path
 
     # ------------------------------------------------------------------ checkpoints

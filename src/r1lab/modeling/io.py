@@ -237,4 +237,8 @@ def load_model(
         gen.pad_token_id = tokenizer.pad_token_id
     if gen.eos_token_id is None:
         gen.eos_token_id = tokenizer.eos_token_id
-    return model.to(torch_device).eval(), tokenizer
+    try:
+        model = model.to(torch_device)
+    except (RuntimeError, AssertionError) as e:  # e.g. "Torch not compiled with CUDA enabled"
+        raise ModelError(f"{path}: cannot move the model to {torch_device}: {_first_line(e)}") from None
+    return model.eval(), tokenizer

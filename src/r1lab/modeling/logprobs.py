@@ -28,8 +28,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-#: Rows of logits turned into log-probs at once: bounds the float32 temporary to BLOCK x V.
-BLOCK = 1024
+#: Logit elements processed at once: bounds each float32 temporary to 64 MiB whatever the vocabulary.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def _rows(vocab: int) -> int:
+    """Positions per block for a vocabulary of `vocab` tokens."""
+    return max(1, BLOCK_ELEMENTS // vocab)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -41,51 +46,79 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, T]
 
 
-def _blocks(logits: torch.Tensor, ids: torch.Tensor, temperature: float):
-    """Yield (float32 logits / temperature [n, V], ids [n]) for blocks of the flattened positions."""
+def _upcast(block: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A block of logits in at least float32, divided by the temperature: `[n, V]`."""
+    x = block.to(torch.promote_types(block.dtype, torch.float32))  # [n, V]; no copy if already fp32/fp64
+    return x / temperature if temperature != 1.0 else x  # [n, V]
+
+
+class _GatherLogSoftmax(torch.autograd.Function):
+    """log softmax(x / t)[id] and the entropy, block by block, with a hand-written blockwise backward.
+
+    Autograd through slices, `logsumexp` and `gather` would keep an upcast copy of every block and
+    build one full-size zero-padded gradient per block; here the backward writes
+    d logp / dx = (onehot(id) - softmax(x / t)) / t straight into a single gradient tensor of the
+    logits' dtype, so the only full-size extra is that gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ids, temperature: float, with_entropy: bool):  # [N, V], [N]
+        N, V = logits.shape
+        out_dtype = torch.promote_types(logits.dtype, torch.float32)
+        logp = torch.empty(N, dtype=out_dtype, device=logits.device)  # [N]
+        entropy = torch.zeros(N, dtype=out_dtype, device=logits.device)  # [N]
+        lse = torch.empty(N, dtype=out_dtype, device=logits.device)  # [N]
+        step = _rows(V)
+        for s in range(0, N, step):
+            x = _upcast(logits[s : s + step], temperature)  # [n, V]
+            block_lse = torch.logsumexp(x, dim=-1)  # [n]
+            lse[s : s + step] = block_lse
+            logp[s : s + step] = x.gather(-1, ids[s : s + step, None]).squeeze(-1) - block_lse  # [n]
+            if with_entropy:
+                p = (x - block_lse[:, None]).exp_()  # [n, V]
+                # H = -sum p log p = lse - sum p x, since log p = x - lse and sum p = 1.
+                entropy[s : s + step] = block_lse - p.mul_(x).sum(-1)  # [n]
+        ctx.save_for_backward(logits, ids, lse)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, _grad_entropy):  # [N], ignored (entropy is a metric)
+        logits, ids, lse = ctx.saved_tensors
+        t = ctx.temperature
+        grad = torch.empty_like(logits)  # [N, V]
+        step = _rows(logits.shape[1])
+        for s in range(0, logits.shape[0], step):
+            g = grad_logp[s : s + step, None].to(lse.dtype)  # [n, 1]
+            block = _upcast(logits[s : s + step], t).sub(lse[s : s + step, None])  # [n, V]
+            block.exp_().mul_(-g)  # -softmax * g
+            block.scatter_add_(-1, ids[s : s + step, None], g)  # + onehot(id) * g
+            grad[s : s + step] = block.div_(t) if t != 1.0 else block  # [n, V], cast to logits' dtype
+        return grad, None, None, None
+
+
+def logprobs_and_entropy(
+    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0, with_entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of `ids`, entropy of the distribution), float32 (float64 for float64 logits).
+
+    `logits` is `[..., V]` in any float dtype, `ids` is `[...]`; both results have the shape of `ids`.
+    The log-probs carry gradients; the entropy is a detached metric (zeros if `with_entropy=False`).
+    """
     flat = logits.reshape(-1, logits.shape[-1])  # [N, V] (a view when contiguous)
-    flat_ids = ids.reshape(-1)  # [N]
-    for s in range(0, flat.shape[0], BLOCK):
-        x = flat[s : s + BLOCK].float()  # [n, V]; no copy for float32 input
-        if temperature != 1.0:
-            x = x / temperature  # [n, V]
-        yield x, flat_ids[s : s + BLOCK]
+    logp, entropy = _GatherLogSoftmax.apply(flat, ids.reshape(-1), float(temperature), with_entropy)  # [N]
+    return logp.reshape(ids.shape), entropy.reshape(ids.shape)
 
 
 def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """`log_softmax(logits / temperature)[..., ids]` in float32, without materialising the log-softmax.
-
-    `logits` is `[..., V]` (any float dtype), `ids` is `[...]`; the result has the shape of `ids`.
+    """`log_softmax(logits / temperature)[..., ids]`, without materialising the log-softmax.
 
     >>> logits = torch.tensor([[0.0, 0.0], [0.0, 1e4]])
     >>> selective_log_softmax(logits, torch.tensor([1, 0])).tolist()
     [-0.6931471824645996, -10000.0]
     """
-    out = []
-    for x, y in _blocks(logits, ids, temperature):
-        lse = torch.logsumexp(x, dim=-1)  # [n]
-        out.append(x.gather(-1, y[:, None]).squeeze(-1) - lse)  # [n]
-    return torch.cat(out).reshape(ids.shape)  # [...]
-
-
-def logprobs_and_entropy(
-    logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of `ids`, entropy of the distribution), both float32 with the shape of `ids`.
-
-    The log-probs carry gradients; the entropy is a detached metric (no loss here uses it, and its
-    graph would cost another float32 copy of the logits).
-    """
-    logps, ents = [], []
-    for x, y in _blocks(logits, ids, temperature):
-        lse = torch.logsumexp(x, dim=-1)  # [n]
-        logps.append(x.gather(-1, y[:, None]).squeeze(-1) - lse)  # [n]
-        with torch.no_grad():
-            xd = x.detach()  # [n, V]
-            p = torch.exp(xd - lse.detach()[:, None])  # [n, V]
-            # H = -sum p log p = lse - sum p x, since log p = x - lse and sum p = 1.
-            ents.append(lse.detach() - (p * xd).sum(-1))  # [n]
-    return torch.cat(logps).reshape(ids.shape), torch.cat(ents).reshape(ids.shape)
+    return logprobs_and_entropy(logits, ids, temperature, with_entropy=False)[0]
 
 
 def token_logprobs(

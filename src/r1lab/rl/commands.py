@@ -14,10 +14,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from r1lab.rl.config import GRPOConfig
-    from r1lab.rl.grpo import train
 
     recipe, overrides = recipe_and_overrides(args)
     cfg = load_config(GRPOConfig, recipe, overrides)
+    from r1lab.rl.grpo import train  # torch and transformers: only once the recipe is known to be valid
+
     last = train(cfg, resume=args.resume)
     keys = ("step", "reward", "accuracy", "response_len_mean", "reflection_rate", "eval/pass@1")
     print(

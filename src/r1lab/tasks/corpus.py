@@ -68,7 +68,7 @@ def column_working(a: int, b: int, slip_column: int | None = None, slip: int = 0
         y = int(db[i]) if i < len(db) else 0
         s = x + y + carry
         if i == slip_column:
-            s = min(19, max(0, s + slip))
+            s = s + slip if 0 <= s + slip <= 19 else s - slip  # a slip always changes the sum
         lines.append(f"{x}+{y}+{carry}={s}\n")
         digits.append(s % 10)
         carry = s // 10

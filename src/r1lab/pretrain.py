@@ -8,6 +8,8 @@ similar length so little compute is spent on padding. Deterministic: the same se
 corpus, the same batches and the same weights.
 
 Run it:  r1lab pretrain recipes/pretrain-arithmetic.yaml [train.steps=2000 ...]
+
+This is a stage of its own (like rl/ or sft/): it uses modeling, tasks and metrics.
 """
 
 from __future__ import annotations
@@ -16,16 +18,19 @@ import random
 import time
 from pathlib import Path
 
-import torch
 from pydantic import Field
 
-from r1lab.config import Section, TaskSpec, dump_config
+from r1lab.config import (
+    Section,
+    TaskSpec,
+    add_recipe_arguments,
+    dump_config,
+    load_config,
+    recipe_and_overrides,
+)
 from r1lab.metrics import RunDir
-from r1lab.metrics.progress import StepProgress
-from r1lab.modeling.io import save_checkpoint
-from r1lab.modeling.tiny import DEFAULT_PRESET, build_model
-from r1lab.modeling.tokenizer import build_char_tokenizer
-from r1lab.modeling.train_state import make_optimizer, make_scheduler
+
+DEFAULT_PRESET = "gpt2-3m"  # r1lab.modeling.tiny.DEFAULT_PRESET, repeated so configs load without torch
 
 
 class CorpusSection(Section):
@@ -101,7 +106,10 @@ def length_batches(rows: list[list[int]], batch_size: int, steps: int, seed: int
     return batches[:steps]
 
 
-def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pad(rows: list[list[int]], pad_id: int):
+    """Right-padded ids, attention mask and labels (-100 on padding) for a batch of rows."""
+    import torch
+
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, L]
     attn = torch.zeros((len(rows), width), dtype=torch.long)  # [B, L]
@@ -114,9 +122,17 @@ def pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Train the base model; returns the path of its Hugging Face directory (OUT/model)."""
+    import torch
+
+    from r1lab.metrics.progress import StepProgress
+    from r1lab.modeling import build_char_tokenizer, build_model, matmul_params, save_checkpoint
+    from r1lab.modeling.train_state import make_optimizer, make_scheduler
+
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.out)
+    if run.metrics_path.exists():
+        run.metrics_path.unlink()  # pretraining always starts afresh; stale rows would mix two runs
     dump_config(cfg, run.config_path)
     torch.manual_seed(cfg.seed)
     tokenizer = build_char_tokenizer()
@@ -155,14 +171,25 @@ def pretrain(cfg: PretrainConfig) -> Path:
     model.eval()
     out = run.path / "model"
     save_checkpoint(model, tokenizer, out)
-    run.write_json(
-        "pretrain_summary.json",
-        {
-            "preset": cfg.preset,
-            "rows": len(rows),
-            "steps": t.steps,
-            "tokens": tokens,
-            "seconds": time.monotonic() - t0,
-        },
-    )
+    summary = {
+        "preset": cfg.preset,
+        "params": sum(p.numel() for p in model.parameters()),
+        "rows": len(rows),
+        "steps": t.steps,
+        "tokens": tokens,
+        "seconds": time.monotonic() - t0,
+        "flops": 6 * matmul_params(model) * tokens,
+    }
+    run.write_json("pretrain_summary.json", summary)
     return out
+
+
+def add_arguments(parser) -> None:
+    add_recipe_arguments(parser)
+
+
+def run(args) -> int:
+    recipe, overrides = recipe_and_overrides(args)
+    path = pretrain(load_config(PretrainConfig, recipe, overrides))
+    print(f"base model: {path}")
+    return 0
