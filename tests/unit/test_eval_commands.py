@@ -52,3 +52,33 @@ def test_missing_checkpoint_is_one_line(tmp_path, capsys):
 def test_eval_recipes_load(name):
     cfg = load_config(EvalConfig, REPO / "recipes" / name)
     assert cfg.k >= 1 and cfg.tasks and cfg.model.path
+
+
+def test_eval_command_against_an_openai_compatible_server(tmp_path, monkeypatch, capsys):
+    """eval -> HTTPSampler -> r1lab serve (a scripted engine that is right when the first operand is even)."""
+    from r1lab.serve.app import ServeSettings, create_app
+    from r1lab.serve.background import serve_in_thread
+    from r1lab.serve.engine import BatchingEngine
+    from r1lab.serve.prompts import ChatRenderer
+    from r1lab.serve.scripted import ScriptedEngine, ScriptedTokenizer
+    from r1lab.tasks import load_task
+
+    def reply(ids: list[int]) -> str:
+        question = "".join(map(chr, ids)).split("<|user|>")[-1].split("<|assistant|>")[0]
+        a, b = (int(x) for x in question.split("+"))
+        return f"<think>{a}+{b}</think> \\boxed{{{a + b + a % 2}}}"
+
+    engine = BatchingEngine(ScriptedEngine(reply), max_batch=8, max_queue=64)
+    app = create_app(engine, ChatRenderer(ScriptedTokenizer(), 4096), ServeSettings("scripted", api_key="k"))
+    monkeypatch.setenv("R1LAB_TEST_KEY", "k")
+    out = tmp_path / "eval"
+    with serve_in_thread(app) as url:
+        argv = ["eval", "model.base_url=" + url + "/v1", "model.name=scripted", "model.api_key_env=R1LAB_TEST_KEY",
+                f"out_dir={out}", "k=2", "limit=8", "progress=false", "sampling.max_tokens=64"]  # fmt: skip
+        assert main(argv) == 0
+    s = json.loads((out / "eval.json").read_text())["summary"]
+    problems = load_task(EvalConfig(model="x").tasks[0].model_copy(update={"limit": 8}))
+    even = sum(p.meta["a"] % 2 == 0 for p in problems) / len(problems)
+    assert s["pass@1"] == pytest.approx(even) and s["maj@2"] == pytest.approx(even)
+    assert s["format_rate"] == 1.0 and s["error_rate"] == 0.0 and s["model"] == f"scripted @ {url}/v1"
+    assert s["response_len_mean"] > 0  # the server's usage counts, split over the choices
