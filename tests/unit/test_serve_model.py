@@ -1,6 +1,8 @@
-"""The server over the real CPU engine and a random-init tiny model, driven by the official `openai`
-client: the protocol holds whatever the model writes (the exact <think> split is tested with the
-scripted engine in test_serve_api.py)."""
+"""The server over the real CPU engine and a real tiny model, driven by the official `openai` client.
+
+The model (gpt2-1m) is trained for a few seconds to answer one question in the R1 format, so the
+<think> split is checked on what a model really generated (greedy); other prompts get random text,
+on which the protocol must hold just the same."""
 
 from __future__ import annotations
 
@@ -21,6 +23,24 @@ from r1lab.serve.prompts import ChatRenderer
 KEY = "k"
 MODEL = "tiny-random"
 MSGS = [{"role": "user", "content": "What is 3 + 4?"}]
+TAUGHT = [{"role": "user", "content": "What is 2+2?"}]
+REASONING, ANSWER = "2+2=4, check 4-2=2.", "The answer is 4."
+
+
+def _teach(model, tokenizer) -> None:
+    """Overfit the model on one R1-format exchange (about 50 AdamW steps)."""
+    convo = TAUGHT + [{"role": "assistant", "content": f"<think>{REASONING}</think>{ANSWER}"}]
+    ids = torch.tensor([tokenizer.apply_chat_template(convo, tokenize=True, return_dict=False)])  # [1, T]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(200):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.02:
+            break
+    model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +50,7 @@ def url():
     torch.set_num_threads(1)
     tokenizer = build_char_tokenizer()
     model = build_model("gpt2-1m", tokenizer, seed=0)
+    _teach(model, tokenizer)
     engine = BatchingEngine(CPUEngine(model, tokenizer, seed=0), max_batch=8, max_queue=16)
     context = model.config.n_positions
     app = create_app(
@@ -46,10 +67,10 @@ def client(url: str, key: str = KEY) -> OpenAI:
     return OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
-def _streamed(url: str, **kw) -> tuple[str, str, object, dict]:
+def _streamed(url: str, messages=MSGS, **kw) -> tuple[str, str, object, dict]:
     reasoning, content, usage, cost = "", "", None, {}
     stream = client(url).chat.completions.create(
-        model=MODEL, messages=MSGS, stream=True, stream_options={"include_usage": True}, **kw
+        model=MODEL, messages=messages, stream=True, stream_options={"include_usage": True}, **kw
     )
     for chunk in stream:
         if chunk.choices:
@@ -59,6 +80,18 @@ def _streamed(url: str, **kw) -> tuple[str, str, object, dict]:
         else:
             usage, cost = chunk.usage, chunk.model_extra["x_r1lab"]
     return reasoning, content, usage, cost
+
+
+def test_reasoning_and_answer_of_a_real_model_arrive_separately(url):
+    r = client(url).chat.completions.create(model=MODEL, messages=TAUGHT, temperature=0, max_tokens=80)
+    msg = r.choices[0].message
+    assert (msg.model_extra["reasoning_content"], msg.content) == (REASONING, ANSWER)
+    assert r.choices[0].finish_reason == "stop"
+    # One token per character, plus the single tokens <think>, </think> and <eos>.
+    assert r.usage.completion_tokens == len(REASONING) + len(ANSWER) + 3
+    assert r.usage.completion_tokens_details.reasoning_tokens == len(REASONING) + 2
+    reasoning, content, usage, _ = _streamed(url, messages=TAUGHT, temperature=0, max_tokens=80)
+    assert (reasoning, content) == (REASONING, ANSWER) and usage == r.usage
 
 
 def test_chat_stream_and_non_stream_agree_for_one_seed(url):
