@@ -1,7 +1,7 @@
 """`r1lab estimate RECIPE [key=value ...]`: FLOPs, wall time and dollars of a recipe, before running it.
 
-    r1lab estimate recipes/grpo-tiny.yaml                       here vs an H100 at MFU 0.4
-    r1lab estimate recipes/grpo-tiny.yaml --gpu A100 --gpus 8 --price-per-hour 1.5
+    r1lab estimate recipes/grpo-arithmetic.yaml                 here vs an H100 at MFU 0.4
+    r1lab estimate recipes/grpo-gsm8k-qwen2.5-0.5b.yaml --gpu A100 --gpus 8 --price-per-hour 1.5
     r1lab estimate recipes/eval-gsm8k-qwen.yaml --run-dir runs/eval-gsm8k   (writes estimate.json)
 
 What the recipe is decides what is counted (see `r1lab.metrics.cost` for the FLOP model):
@@ -21,8 +21,8 @@ of completions with the CPU engine and a few training steps, because small model
 their time outside matmuls and would otherwise be estimated orders of magnitude too fast.
 
 Completions are counted at `sampling.max_tokens` each (an upper bound: every completion runs to the
-limit) unless `--fill` says what fraction of it they use on average. The model's size comes from
-the checkpoint's safetensors headers (or a tiny preset's config), or `--params`. Prompt length is
+limit) unless `--fill` says what fraction of it they use on average. N is the model's matmul
+parameters (see `model_params`), from its config.json or tiny preset, or `--params`. Prompt length is
 measured with the model's tokenizer on up to 64 of the task's problems, or `--prompt-tokens`.
 """
 
