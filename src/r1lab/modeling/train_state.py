@@ -71,3 +71,23 @@ def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
         return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def bf16_is_fast() -> bool:
+    """True when this CPU has native bf16 matmuls (AVX512-BF16 or AMX), or a CUDA GPU is in use.
+
+    Without them PyTorch emulates bf16 and autocast is far slower than fp32 (measured on an AVX2-only
+    EPYC: 1.4 GFLOP/s bf16 against 30 fp32), so "auto" precision must look before it leaps.
+    """
+    if torch.cuda.is_available():
+        return True
+    try:
+        flags = open("/proc/cpuinfo", encoding="utf-8").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def use_bf16(precision: str) -> bool:
+    """Resolve a `precision` setting ("auto", "fp32", "bf16") to whether to autocast to bf16."""
+    return precision == "bf16" or (precision == "auto" and bf16_is_fast())

@@ -28,7 +28,13 @@ from r1lab.config import R1labError, dump_config
 from r1lab.metrics import RunDir, emergence_stats
 from r1lab.metrics.progress import StepProgress
 from r1lab.modeling import load_model, matmul_params, save_checkpoint, token_logprobs
-from r1lab.modeling.train_state import load_train_state, make_optimizer, make_scheduler, save_train_state
+from r1lab.modeling.train_state import (
+    load_train_state,
+    make_optimizer,
+    make_scheduler,
+    save_train_state,
+    use_bf16,
+)
 from r1lab.rewards import grade
 from r1lab.rl.config import GRPOConfig
 from r1lab.rl.losses import aggregate, clipped_policy_loss, group_advantages, kl_penalty, masked_mean
@@ -125,9 +131,10 @@ def policy_update(
 ):
     """`epochs x minibatches` optimiser steps on the clipped GRPO loss; returns logging stats."""
     rl = cfg.rl
+    bf16 = use_bf16(rl.precision)
     if rl.epochs > 1 and rl.old_logp == "recompute":
         for r, lp in zip(
-            rows, completion_logps(model, rows, pad_id, rl.micro_batch_tokens, rl.autocast_bf16), strict=True
+            rows, completion_logps(model, rows, pad_id, rl.micro_batch_tokens, bf16), strict=True
         ):
             r.old_logp = lp
     elif rl.epochs > 1:
@@ -136,7 +143,7 @@ def policy_update(
     if ref_model is not None:
         for r, lp in zip(
             rows,
-            completion_logps(ref_model, rows, pad_id, rl.micro_batch_tokens, rl.autocast_bf16),
+            completion_logps(ref_model, rows, pad_id, rl.micro_batch_tokens, bf16),
             strict=True,
         ):
             r.ref_logp = lp
@@ -152,7 +159,7 @@ def policy_update(
             for mb in micro_batches(minibatch, rl.micro_batch_tokens):
                 ids, attn, mask = collate(mb, pad_id)
                 adv = torch.tensor([r.advantage for r in mb])  # [b]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=rl.autocast_bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     logp, entropy = token_logprobs(model, ids, attn)  # [b, L-1] each
                 logp = logp.float()
                 old = (
