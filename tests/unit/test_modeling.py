@@ -277,6 +277,8 @@ def test_load_model_errors_are_one_line(saved, tmp_path):
         assert isinstance(err.value, R1labError)
     with pytest.raises(ModelError, match="dtype 'fp8' not supported"):
         load_model(saved["gpt2-1m"][0], dtype="fp8")
+    with pytest.raises(ModelError, match="bad device 'gpu7'"):
+        load_model(saved["gpt2-1m"][0], device="gpu7")
 
 
 def test_missing_pad_token_falls_back_to_eos(saved, tmp_path):
@@ -298,7 +300,7 @@ def _naive(logits, ids, temperature=1.0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_selective_log_softmax_matches_naive_reference(monkeypatch, dtype):
-    monkeypatch.setattr(logprobs_mod, "BLOCK", 7)  # several blocks, a ragged last one
+    monkeypatch.setattr(logprobs_mod, "BLOCK_ELEMENTS", 7 * 50)  # 7 rows a block: ragged last block
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(3, 5, 50, generator=g) * 4).to(dtype)
     ids = torch.randint(0, 50, (3, 5), generator=g)
@@ -309,6 +311,25 @@ def test_selective_log_softmax_matches_naive_reference(monkeypatch, dtype):
         assert got.dtype == torch.float32 and got.shape == ids.shape
         assert torch.allclose(got.double(), want, atol=1e-5) and torch.equal(got, got2)
         assert torch.allclose(ent.double(), want_ent, atol=1e-4)
+
+
+def test_log_softmax_gradient_is_exact(monkeypatch):
+    monkeypatch.setattr(logprobs_mod, "BLOCK_ELEMENTS", 3 * 11)  # 3 rows a block
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 4, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    ids = torch.randint(0, 11, (2, 4), generator=g)
+    for temperature in (1.0, 0.6):
+        assert torch.autograd.gradcheck(lambda x, t=temperature: selective_log_softmax(x, ids, t), (logits,))
+    # bf16 logits: the gradient comes back in bf16 and agrees with autograd through the fp32 reference
+    x16 = (torch.randn(2, 9, 11, generator=g) * 3).to(torch.bfloat16).requires_grad_(True)
+    ref = x16.detach().float().requires_grad_(True)
+    weights = torch.randn(2, 9, generator=g)
+    (selective_log_softmax(x16, ids.repeat(1, 3)[:, :9], 0.8) * weights).sum().backward()
+    (
+        torch.log_softmax(ref / 0.8, -1).gather(-1, ids.repeat(1, 3)[:, :9, None]).squeeze(-1) * weights
+    ).sum().backward()
+    assert x16.grad.dtype == torch.bfloat16
+    assert torch.allclose(x16.grad.float(), ref.grad, atol=2e-2)
 
 
 @pytest.mark.parametrize("preset", ["gpt2-1m", "qwen2-4m"])
@@ -364,3 +385,26 @@ def test_modeling_core_imports_only_config_from_r1lab():
             m = re.match(r"\s*(?:from|import)\s+(r1lab[\w.]*)", line)
             if m:
                 assert m.group(1) == "r1lab.config" or m.group(1).startswith("r1lab.modeling"), (path, line)
+
+
+# --------------------------------------------------------------------------- GPU (skipped on CPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_vllm_reads_our_checkpoint_like_transformers(saved, tok):
+    """vLLM tokenizes like us and its sampled-token log-probs equal token_logprobs on the same weights."""
+    vllm = pytest.importorskip("vllm")
+    path, _ = saved["qwen2-4m"]
+    llm = vllm.LLM(model=str(path), dtype="float32", enforce_eager=True, gpu_memory_utilization=0.2, seed=0)
+    prompts = ["<|user|>12+34<|assistant|>", "<|user|>café 7*8?<|assistant|><think>"]
+    params = vllm.SamplingParams(temperature=1.0, max_tokens=12, logprobs=0, seed=0)
+    model, _ = load_model(path, device="cuda")
+    for prompt, out in zip(prompts, llm.generate(prompts, params), strict=True):
+        assert list(out.prompt_token_ids) == tok(prompt)["input_ids"]
+        gen = out.outputs[0]
+        sampled = [lp[t].logprob for t, lp in zip(gen.token_ids, gen.logprobs, strict=True)]
+        ids = torch.tensor([list(out.prompt_token_ids) + list(gen.token_ids)], device="cuda")
+        with torch.no_grad():
+            ours, _ = token_logprobs(model, ids, torch.ones_like(ids), start=len(out.prompt_token_ids))
+        assert torch.allclose(ours[0].cpu(), torch.tensor(sampled), atol=2e-3), (ours, sampled)
