@@ -94,7 +94,7 @@ def collate(rows: list[Rollout], pad_id: int) -> tuple[torch.Tensor, torch.Tenso
 def scatter_rows(values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
     """Place per-sequence completion values ([C_b] each) at the completion positions of `mask` [B, L-1]."""
     out = torch.zeros_like(mask)  # [B, L-1]
-    out[mask.bool()] = torch.cat(values).to(out.dtype)
+    out[mask.bool()] = torch.cat(values).to(device=out.device, dtype=out.dtype)
     return out
 
 
@@ -117,9 +117,10 @@ def completion_logps(
 ) -> list[torch.Tensor]:
     """Per-sequence completion log-probs ([C] each) under `model`, without gradients."""
     out: dict[int, torch.Tensor] = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    dev = next(model.parameters()).device
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         for mb in micro_batches(rows, budget):
-            ids, attn, mask = collate(mb, pad_id)
+            ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
             logp, _ = token_logprobs(model, ids, attn)  # [b, L-1]
             for b, r in enumerate(mb):
                 out[id(r)] = logp[b][mask[b].bool()].float()
@@ -132,6 +133,7 @@ def policy_update(
     """`epochs x minibatches` optimiser steps on the clipped GRPO loss; returns logging stats."""
     rl = cfg.rl
     bf16 = use_bf16(rl.precision)
+    dev = next(model.parameters()).device
     if rl.epochs > 1 and rl.old_logp == "recompute":
         for r, lp in zip(
             rows, completion_logps(model, rows, pad_id, rl.micro_batch_tokens, bf16), strict=True
@@ -157,9 +159,9 @@ def policy_update(
             minibatch = order[start : start + size]
             total_tokens = float(sum(len(r.ids) - r.prompt_len for r in minibatch))
             for mb in micro_batches(minibatch, rl.micro_batch_tokens):
-                ids, attn, mask = collate(mb, pad_id)
-                adv = torch.tensor([r.advantage for r in mb])  # [b]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
+                adv = torch.tensor([r.advantage for r in mb], device=dev)  # [b]
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                     logp, entropy = token_logprobs(model, ids, attn)  # [b, L-1] each
                 logp = logp.float()
                 old = (
@@ -266,12 +268,14 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tokenizer = load_model(latest if (resume and latest) else cfg.model)
+    model.to(cfg.device)
     train_problems = load_task(cfg.task)
     eval_spec = cfg.eval_task or cfg.task.model_copy(update={"split": "test", "limit": cfg.eval_problems})
     eval_problems = load_task(eval_spec)[: cfg.eval_problems]
     ref_model = None
     if cfg.rl.kl_coef > 0:
         ref_model, _ = load_model(cfg.model)
+        ref_model.to(cfg.device)
         ref_model.requires_grad_(False).eval()
     optimizer = make_optimizer(model, cfg.rl.lr, cfg.rl.weight_decay, cfg.rl.betas)
     total_opt_steps = cfg.rl.steps * cfg.rl.epochs * cfg.rl.minibatches
@@ -283,7 +287,7 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
         run.truncate_metrics(start_step)
     dump_config(cfg, run.config_path)
     stream = ProblemStream(train_problems, cfg.seed, position)
-    engine = CPUEngine(model, tokenizer, dtype=cfg.engine_dtype, seed=cfg.seed)
+    engine = make_engine(cfg, model, tokenizer)
     n_params = matmul_params(model)  # FLOPs: 2N per token forward, 6N trained
     pad_id = tokenizer.pad_token_id
     shuffle_rng = random.Random(cfg.seed)
@@ -362,6 +366,22 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
                 break
     final = run.latest_checkpoint()
     return {**last, "final_checkpoint": str(final) if final else None}
+
+
+def make_engine(cfg: GRPOConfig, model, tokenizer):
+    """The rollout engine: r1lab's CPU engine reading the policy's weights, or vLLM synced from them."""
+    if cfg.engine == "vllm":
+        from r1lab.rollout.vllm import VLLMRolloutEngine
+
+        return VLLMRolloutEngine(
+            model,
+            tokenizer,
+            cfg.model,
+            dtype=cfg.engine_dtype,
+            seed=cfg.seed,
+            gpu_memory_utilization=cfg.vllm_memory,
+        )
+    return CPUEngine(model, tokenizer, dtype=cfg.engine_dtype, seed=cfg.seed)
 
 
 def held_out(engine, problems: list[Problem], cfg: GRPOConfig) -> dict[str, float]:
