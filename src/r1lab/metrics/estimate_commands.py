@@ -199,7 +199,9 @@ def grpo_work(recipe: str, overrides: list[str], args) -> tuple[cost.Workload, d
     )  # fmt: skip
     n_evals = max(1, rl.steps // cfg.eval_every) if cfg.eval_every else 1
     work = work + cost.eval_workload(n, cfg.eval_problems * n_evals, cfg.eval_k, ptok, ctok)
-    dtypes = {"gen": cfg.engine_dtype, "train": "bfloat16" if rl.autocast_bf16 else "float32"}
+    from r1lab.modeling.train_state import use_bf16
+
+    dtypes = {"gen": cfg.engine_dtype, "train": "bfloat16" if use_bf16(rl.precision) else "float32"}
     facts = {"kind": "grpo", "model": cfg.model, "model_ref": cfg.model, "prompt_tokens": ptok, "prompt_tokens_source": how,
              "completion_tokens": ctok, "evaluations": n_evals, "dtypes": dtypes,
              "batch": {"rows": rl.prompts_per_step * rl.group_size, "seq_tokens": ptok + ctok}}  # fmt: skip

@@ -54,8 +54,8 @@ class RLSection(Section):
         "recompute",
         description="old-policy log-probs for epochs > 1: recompute with a forward, or reuse the sampler's",
     )
-    autocast_bf16: bool = Field(
-        False, description="bf16 autocast for the training forward/backward (weights stay fp32)"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="bf16 autocast of training forwards (weights stay fp32); auto: only where bf16 is native"
     )
 
 
