@@ -360,6 +360,28 @@ def test_token_logprobs_ignore_padding_and_match_reference(tok, preset):
         token_logprobs(model, ids, mask, start=T)
 
 
+def test_token_logprobs_gradient_matches_autograd_reference(monkeypatch, tok):
+    model = build_model("gpt2-1m", tok, seed=0)
+    monkeypatch.setattr(logprobs_mod, "BLOCK_ELEMENTS", 3 * len(tok))  # 3 positions a block
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(BYTE_OFFSET, len(tok), (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    weights = torch.randn(3, 9, generator=g)
+    logp, _ = token_logprobs(model, ids, mask, start=3, temperature=0.9)  # [3, 9]
+    (logp * weights).sum().backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, 2:-1]  # [3, 9, V]
+    ref = torch.log_softmax(logits / 0.9, -1).gather(-1, ids[:, 3:, None]).squeeze(-1)  # [3, 9]
+    ref = ref.masked_fill(mask[:, 3:] == 0, 0.0)  # padded targets are 0.0 in token_logprobs too
+    assert torch.allclose(logp.detach(), ref.detach(), atol=1e-5)
+    (ref * weights).sum().backward()
+    for a, p in zip(ours, model.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, atol=1e-5, rtol=1e-4)
+
+
 # --------------------------------------------------------------------------- cost
 
 

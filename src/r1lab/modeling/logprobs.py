@@ -7,8 +7,12 @@ distribution at that position (a health metric: entropy collapse shows up here f
 
 Memory: the model's own `[B, T, V]` logits are the one large tensor. `logits_to_keep` asks the model
 for only the positions that predict targets (a batch of prompts of width P needs `T - P + 1`, not
-`T`), and the log-softmax is computed block by block from `logsumexp` and a gather, so no full
-`[B, T, V]` log-softmax, float32 upcast of bf16 logits, or float64 copy is ever made at once.
+`T`), and the log-softmax is computed in blocks of at most `BLOCK_ELEMENTS` logits from `logsumexp`
+and a gather, with a hand-written backward that writes the gradient block by block: no full
+log-softmax, float32 upcast of bf16 logits, float64 copy or sliced copy of the logits is ever made.
+Measured on `[8, 512, 32000]` logits, forward + backward: 1507 MiB of extra peak memory for the naive
+`log_softmax` + gather (fp32 or bf16 logits) against 572 MiB (fp32) and 401 MiB (bf16) here, of which
+the logits' own gradient is 500 / 250 MiB.
 
 Padding: batches may be left-padded (prompts) and right-padded (completions). Position ids are
 derived from the attention mask so a left-padded row gets the same positions, and hence the same
@@ -55,6 +59,10 @@ def _upcast(block: torch.Tensor, temperature: float) -> torch.Tensor:
 class _GatherLogSoftmax(torch.autograd.Function):
     """log softmax(x / t)[id] and the entropy, block by block, with a hand-written blockwise backward.
 
+    Takes logits `[R, K, V]` and ids `[R, K']` with K' <= K: position k < K' is scored against
+    `ids[r, k]` and the last K - K' positions are ignored. That lets `token_logprobs` pass the model's
+    logits whole: slicing off the last position of a batch and flattening it would copy them.
+
     Autograd through slices, `logsumexp` and `gather` would keep an upcast copy of every block and
     build one full-size zero-padded gradient per block; here the backward writes
     d logp / dx = (onehot(id) - softmax(x / t)) / t straight into a single gradient tensor of the
@@ -62,39 +70,45 @@ class _GatherLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ids, temperature: float, with_entropy: bool):  # [N, V], [N]
-        N, V = logits.shape
+    def forward(ctx, logits, ids, temperature: float, with_entropy: bool):  # [R, K, V], [R, K']
+        R, K = ids.shape
         out_dtype = torch.promote_types(logits.dtype, torch.float32)
-        logp = torch.empty(N, dtype=out_dtype, device=logits.device)  # [N]
-        entropy = torch.zeros(N, dtype=out_dtype, device=logits.device)  # [N]
-        lse = torch.empty(N, dtype=out_dtype, device=logits.device)  # [N]
-        step = _rows(V)
-        for s in range(0, N, step):
-            x = _upcast(logits[s : s + step], temperature)  # [n, V]
-            block_lse = torch.logsumexp(x, dim=-1)  # [n]
-            lse[s : s + step] = block_lse
-            logp[s : s + step] = x.gather(-1, ids[s : s + step, None]).squeeze(-1) - block_lse  # [n]
-            if with_entropy:
-                p = (x - block_lse[:, None]).exp_()  # [n, V]
-                # H = -sum p log p = lse - sum p x, since log p = x - lse and sum p = 1.
-                entropy[s : s + step] = block_lse - p.mul_(x).sum(-1)  # [n]
+        logp = torch.empty(R, K, dtype=out_dtype, device=logits.device)  # [R, K']
+        entropy = torch.zeros(R, K, dtype=out_dtype, device=logits.device)  # [R, K']
+        lse = torch.empty(R, K, dtype=out_dtype, device=logits.device)  # [R, K']
+        step = _rows(logits.shape[-1])
+        for r in range(R):
+            for s in range(0, K, step):
+                e = min(s + step, K)
+                x = _upcast(logits[r, s:e], temperature)  # [n, V], a contiguous block
+                block_lse = torch.logsumexp(x, dim=-1)  # [n]
+                lse[r, s:e] = block_lse
+                logp[r, s:e] = x.gather(-1, ids[r, s:e, None]).squeeze(-1) - block_lse  # [n]
+                if with_entropy:
+                    p = (x - block_lse[:, None]).exp_()  # [n, V]
+                    # H = -sum p log p = lse - sum p x, since log p = x - lse and sum p = 1.
+                    entropy[r, s:e] = block_lse - p.mul_(x).sum(-1)  # [n]
         ctx.save_for_backward(logits, ids, lse)
         ctx.temperature = temperature
         ctx.mark_non_differentiable(entropy)
         return logp, entropy
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_entropy):  # [N], ignored (entropy is a metric)
+    def backward(ctx, grad_logp, _grad_entropy):  # [R, K'], ignored (entropy is a metric)
         logits, ids, lse = ctx.saved_tensors
         t = ctx.temperature
-        grad = torch.empty_like(logits)  # [N, V]
-        step = _rows(logits.shape[1])
-        for s in range(0, logits.shape[0], step):
-            g = grad_logp[s : s + step, None].to(lse.dtype)  # [n, 1]
-            block = _upcast(logits[s : s + step], t).sub(lse[s : s + step, None])  # [n, V]
-            block.exp_().mul_(-g)  # -softmax * g
-            block.scatter_add_(-1, ids[s : s + step, None], g)  # + onehot(id) * g
-            grad[s : s + step] = block.div_(t) if t != 1.0 else block  # [n, V], cast to logits' dtype
+        R, K = ids.shape
+        # [R, K, V]; positions past K' get no gradient, so only then must the tensor start zeroed
+        grad = torch.zeros_like(logits) if K < logits.shape[1] else torch.empty_like(logits)
+        step = _rows(logits.shape[-1])
+        for r in range(R):
+            for s in range(0, K, step):
+                e = min(s + step, K)
+                g = grad_logp[r, s:e, None].to(lse.dtype)  # [n, 1]
+                block = _upcast(logits[r, s:e], t).sub(lse[r, s:e, None])  # [n, V]
+                block.exp_().mul_(-g)  # -softmax * g
+                block.scatter_add_(-1, ids[r, s:e, None], g)  # + onehot(id) * g
+                grad[r, s:e] = block.div_(t) if t != 1.0 else block  # [n, V], cast to logits' dtype
         return grad, None, None, None
 
 
@@ -106,9 +120,9 @@ def logprobs_and_entropy(
     `logits` is `[..., V]` in any float dtype, `ids` is `[...]`; both results have the shape of `ids`.
     The log-probs carry gradients; the entropy is a detached metric (zeros if `with_entropy=False`).
     """
-    flat = logits.reshape(-1, logits.shape[-1])  # [N, V] (a view when contiguous)
-    logp, entropy = _GatherLogSoftmax.apply(flat, ids.reshape(-1), float(temperature), with_entropy)  # [N]
-    return logp.reshape(ids.shape), entropy.reshape(ids.shape)
+    flat = logits.reshape(1, -1, logits.shape[-1])  # [1, N, V] (a view when contiguous)
+    logp, entropy = _GatherLogSoftmax.apply(flat, ids.reshape(1, -1), float(temperature), with_entropy)
+    return logp.reshape(ids.shape), entropy.reshape(ids.shape)  # [...] each
 
 
 def selective_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -146,9 +160,9 @@ def token_logprobs(
         logits_to_keep=n + 1,  # positions start-1 .. T-1
         use_cache=False,
     )
-    logits = out.logits[:, :-1]  # [B, n, V]: position t predicts token t + 1
     targets = input_ids[:, start:]  # [B, n]
-    logp, entropy = logprobs_and_entropy(logits, targets, temperature)  # [B, n] each
+    # out.logits is [B, n + 1, V]; its position j predicts targets[:, j] and the last one is unused
+    logp, entropy = _GatherLogSoftmax.apply(out.logits, targets, float(temperature), True)  # [B, n] each
     pad = attention_mask[:, start:] == 0  # [B, n]
     return logp.masked_fill(pad, 0.0), entropy.masked_fill(pad, 0.0)
 
