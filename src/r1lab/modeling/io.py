@@ -125,6 +125,7 @@ def save_checkpoint(model, tokenizer, path: str | os.PathLike) -> Path:
         raise ModelError(f"{path}: exists and is not a directory; cannot save a checkpoint there")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a checkpoint is read by servers and teammates
     old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         _unwrap(model).save_pretrained(tmp, safe_serialization=True)
