@@ -43,15 +43,16 @@ class QuickstartGRPO(GRPOConfig):
     model: str = Field("", description="set by the quickstart: the base model it built")
     run_dir: str = Field("", description="set by the quickstart: OUT/grpo")
     task: TaskSpec = Field(
-        default_factory=lambda: TaskSpec(name="arithmetic", split="train", limit=50_000, seed=1)
+        default_factory=lambda: TaskSpec(name="arithmetic", split="train", limit=50_000, seed=1),
+        description="RL problems; the quickstart sets options.digits from its own `digits`",
     )
-    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(temperature=1.0, max_tokens=128))
+    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(temperature=1.0, max_tokens=96))
     rl: RLSection = Field(
-        default_factory=lambda: RLSection(steps=120, prompts_per_step=16, group_size=8, lr=1e-4, kl_coef=0.05)
+        default_factory=lambda: RLSection(steps=60, prompts_per_step=16, group_size=8, lr=1e-4, kl_coef=0.05)
     )
-    eval_every: int = 40
+    eval_every: int = 20
     eval_problems: int = 100
-    save_every: int = 40
+    save_every: int = 20
 
 
 class HeldOut(Section):
@@ -64,6 +65,9 @@ class HeldOut(Section):
 class QuickstartConfig(Section):
     out: str = Field(DEFAULT_OUT, description="run directory of the whole quickstart")
     seed: int = Field(0)
+    digits: int = Field(
+        3, ge=1, le=9, description="the built-in task: additions of numbers with this many digits"
+    )
     reuse_base: bool = Field(
         True, description="reuse OUT/base/model when it was built with the same settings"
     )
@@ -71,6 +75,12 @@ class QuickstartConfig(Section):
     grpo: QuickstartGRPO = Field(default_factory=QuickstartGRPO)
     eval: HeldOut = Field(default_factory=HeldOut)
     report: bool = Field(True, description="write OUT/report.html at the end")
+
+
+def task_spec(cfg: QuickstartConfig) -> TaskSpec:
+    """The RL task with the quickstart's digit count (pretraining and evaluation derive from it)."""
+    options = {**cfg.grpo.task.options, "digits": cfg.digits}
+    return cfg.grpo.task.model_copy(update={"options": options})
 
 
 def evaluate_model(model_dir: Path, cfg: QuickstartConfig, tag: str, out: Path) -> dict:
@@ -82,7 +92,7 @@ def evaluate_model(model_dir: Path, cfg: QuickstartConfig, tag: str, out: Path) 
     from r1lab.tasks import load_task
 
     model, tokenizer = load_model(model_dir)
-    spec = cfg.grpo.task.model_copy(update={"split": "test", "limit": cfg.eval.problems})
+    spec = task_spec(cfg).model_copy(update={"split": "test", "limit": cfg.eval.problems})
     problems = load_task(spec)[: cfg.eval.problems]
     engine = CPUEngine(model, tokenizer, seed=cfg.seed)
     params = SamplingParams(
@@ -110,7 +120,8 @@ def build_base(cfg: QuickstartConfig, out: Path) -> tuple[Path, float, float]:
     """Pretrain the base (or reuse it when built with identical settings); returns (dir, seconds, flops)."""
     from r1lab.pretrain import pretrain
 
-    pre = cfg.pretrain.model_copy(update={"out": str(out / "base"), "seed": cfg.seed})
+    pre_task = task_spec(cfg).model_copy(update={"limit": None, "seed": cfg.seed})
+    pre = cfg.pretrain.model_copy(update={"out": str(out / "base"), "seed": cfg.seed, "task": pre_task})
     base_dir = out / "base" / "model"
     fingerprint = json.dumps(pre.model_dump(mode="json", exclude={"progress", "threads"}), sort_keys=True)
     stamp = out / "base" / "settings.json"
@@ -147,7 +158,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     rl = evaluate_model(Path(last["final_checkpoint"]), cfg, "rl", out)
 
     summary = {
-        "task": cfg.grpo.task.name,
+        "task": f"{cfg.grpo.task.name} ({cfg.digits}-digit addition)",
         "k": cfg.eval.k,
         "n_heldout": cfg.eval.problems,
         "base": base,

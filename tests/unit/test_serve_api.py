@@ -5,6 +5,7 @@ by raw httpx for what a client library would never send. The scripted engine mak
 from __future__ import annotations
 
 import json
+import socket
 import time
 from contextlib import contextmanager
 
@@ -237,9 +238,21 @@ def test_client_disconnect_frees_the_slot_streaming_and_not():
             with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
                 next(r.iter_lines())
         _wait_idle(engine)
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/chat/completions", json=body, headers=auth(), timeout=0.3)
-        _wait_idle(engine)
+        # A non-streaming client that hangs up mid-generation: send the request on a raw socket,
+        # wait until the engine is running it, then close the socket (no timing race with load).
+        host, port = url.removeprefix("http://").split(":")
+        payload = json.dumps(body).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode()
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head + payload)
+            deadline = time.monotonic() + 30
+            while engine.load()[0] == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.load()[0] == 1, "the request never started running"
+        _wait_idle(engine, seconds=30)
         assert len(step_engine.aborted) == 2 and engine.metrics.counts["aborted"] == 2
         ok = client(url).chat.completions.create(model=MODEL, messages=MSGS, max_tokens=5)
         assert ok.choices[0].finish_reason == "length"
