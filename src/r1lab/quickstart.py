@@ -140,6 +140,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     t_all = time.monotonic()
     base_dir, pre_s, pre_flops = build_base(cfg, out)
     base = evaluate_model(base_dir, cfg, "base", out)

@@ -5,9 +5,10 @@ by reward. A tiny model trained from scratch needs the same: this corpus gives i
 answer an addition `a+b`, all ending with the final answer after `</think>`:
 
   direct   `<think></think>7998`                       no working at all
-  working  `<think>1+7+0=8 ... </think>7998`            column working, lowest digit first, the
-                                                        carry written as the third term
-  check    `<think>{working} so 7988.\nwait, let me check:\n{working again}</think>7998`
+  working  `<think>1+7+0=08 ... </think>7998`           column working, lowest digit first, the
+                                                        carry written as the third term, each
+                                                        sum as two digits (fixed-width lines)
+  check    `<think>{working}wait, let me check:\n{working again}</think>7998`
 
 Real text is not error-free and neither is this corpus: a `slip_rate` share of working passes
 (the plain working, and the first pass of the check path) contain one slipped column (a sum off by
@@ -54,7 +55,7 @@ def column_working(a: int, b: int, slip_column: int | None = None, slip: int = 0
     With `slip_column`, that column's sum is off by `slip` and everything after follows from it.
 
     >>> column_working(4821, 3177)
-    ('1+7+0=8\\n2+7+0=9\\n8+1+0=9\\n4+3+0=7\\n', 7998)
+    ('1+7+0=08\\n2+7+0=09\\n8+1+0=09\\n4+3+0=07\\n', 7998)
     >>> column_working(95, 17)
     ('5+7+0=12\\n9+1+1=11\\n', 112)
     >>> column_working(95, 17, slip_column=0, slip=-1)[1]
@@ -69,7 +70,7 @@ def column_working(a: int, b: int, slip_column: int | None = None, slip: int = 0
         s = x + y + carry
         if i == slip_column:
             s = s + slip if 0 <= s + slip <= 19 else s - slip  # a slip always changes the sum
-        lines.append(f"{x}+{y}+{carry}={s}\n")
+        lines.append(f"{x}+{y}+{carry}={s:02d}\n")  # fixed width: each column's line at a fixed position
         digits.append(s % 10)
         carry = s // 10
     if carry:
@@ -91,12 +92,11 @@ def addition_completion(a: int, b: int, style: str, rng: random.Random, slip_rat
     >>> addition_completion(12, 30, "direct", random.Random(0), 0.0)
     '<think></think>42'
     >>> print(addition_completion(12, 30, "check", random.Random(0), 0.0))
-    <think>2+0+0=2
-    1+3+0=4
-    so 42.
+    <think>2+0+0=02
+    1+3+0=04
     wait, let me check:
-    2+0+0=2
-    1+3+0=4
+    2+0+0=02
+    1+3+0=04
     </think>42
     """
     if style == "direct":
@@ -105,9 +105,9 @@ def addition_completion(a: int, b: int, style: str, rng: random.Random, slip_rat
         lines, result = _working_pass(a, b, slip_rate, rng)
         return f"<think>{lines}</think>{result}"
     if style == "check":
-        first, guess = _working_pass(a, b, slip_rate, rng)
+        first, _ = _working_pass(a, b, slip_rate, rng)
         careful, result = column_working(a, b)
-        return f"<think>{first}so {guess}.\n{CHECK_PHRASE}\n{careful}</think>{result}"
+        return f"<think>{first}{CHECK_PHRASE}\n{careful}</think>{result}"
     raise ValueError(f"unknown style {style!r}")
 
 
