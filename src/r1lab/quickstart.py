@@ -29,6 +29,7 @@ from r1lab.config import (
     load_config,
     recipe_and_overrides,
 )
+from r1lab.distill_finding import DistillFindingConfig
 from r1lab.metrics import emergence_stats
 from r1lab.metrics.run import RunDir
 from r1lab.pretrain import PretrainConfig
@@ -75,6 +76,9 @@ class QuickstartConfig(Section):
     grpo: QuickstartGRPO = Field(default_factory=QuickstartGRPO)
     eval: HeldOut = Field(default_factory=HeldOut)
     report: bool = Field(True, description="write OUT/report.html at the end")
+    full: DistillFindingConfig = Field(
+        default_factory=DistillFindingConfig, description="the distillation comparison (`--full` runs it)"
+    )
 
 
 def task_spec(cfg: QuickstartConfig) -> TaskSpec:
@@ -136,7 +140,7 @@ def build_base(cfg: QuickstartConfig, out: Path) -> tuple[Path, float, float]:
     return base_dir, time.monotonic() - t0, info.get("flops", 0.0)
 
 
-def run_quickstart(cfg: QuickstartConfig) -> dict:
+def run_quickstart(cfg: QuickstartConfig, full: bool = False) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
@@ -173,6 +177,12 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
         "rl_steps": last.get("step"),
         "checkpoint": last["final_checkpoint"],
     }
+    if full:
+        from r1lab.distill_finding import print_finding, run_distillation_finding
+
+        finding = run_distillation_finding(cfg, out / "distill", Path(last["final_checkpoint"]), summary)
+        summary["distillation"] = finding
+        summary["seconds"]["distillation"] = finding.get("seconds", {}).get("total", 0.0)
     summary["seconds"]["total"] = time.monotonic() - t_all
     summary["flops"]["total"] = sum(v for k, v in summary["flops"].items())
     RunDir(out).write_json("summary.json", summary)
@@ -181,6 +191,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict:
 
         summary["report"] = str(write_report([out, grpo_dir], out / "report.html"))
     print_table(summary)
+    if full:
+        print_finding(summary["distillation"])
     return summary
 
 
@@ -227,10 +239,13 @@ def default_checkpoint(out: str = DEFAULT_OUT) -> Path:
 
 def add_arguments(parser) -> None:
     add_recipe_arguments(parser)
+    parser.add_argument(
+        "--full", action="store_true", help="also run the distillation finding (distilled vs RL-only student)"
+    )
 
 
 def run(args) -> int:
     recipe, overrides = recipe_and_overrides(args)
     cfg = load_config(QuickstartConfig, recipe, overrides)
-    run_quickstart(cfg)
+    run_quickstart(cfg, full=args.full)
     return 0
