@@ -101,8 +101,8 @@ def test_reasoning_content_is_folded_into_think(tmp_path):
         ("{not json", r"traces.jsonl:2: invalid JSON"),
         ("[1, 2]", r"traces.jsonl:2: expected a JSON object"),
         ('{"text": "hi"}', r"traces.jsonl:2: field 'messages': expected a non-empty list"),
-        ('{"messages": [{"role": "bot", "content": "x"}]}', r"traces.jsonl:2: field 'messages\[0\]'.role"),
-        ('{"messages": [{"role": "user", "content": 3}]}', r"traces.jsonl:2: field 'messages\[0\]'.content"),
+        ('{"messages": [{"role": "bot", "content": "x"}]}', r"traces.jsonl:2: field 'messages\[0\].role'"),
+        ('{"messages": [{"role": "user", "content": 3}]}', r"traces.jsonl:2: field 'messages\[0\].content'"),
         (
             '{"messages": [{"role": "user", "content": "q"}]}',
             r"traces.jsonl:2: field 'messages': no assistant",
@@ -138,6 +138,18 @@ def test_epoch_steps_cover_every_example_once_and_depend_on_seed_and_epoch():
     assert [len(s) for s in steps] == [4, 4, 2] and sorted(sum(steps, [])) == list(range(10))
     assert steps == epoch_steps(10, 4, seed=0, epoch=0)
     assert steps != epoch_steps(10, 4, seed=0, epoch=1)
+
+
+def test_bucketed_epoch_groups_similar_lengths_and_still_covers_everything():
+    lengths = [(i * 37) % 200 + 10 for i in range(640)]
+    steps = epoch_steps(640, 8, seed=1, epoch=0, lengths=lengths)
+    assert sorted(sum(steps, [])) == list(range(640))
+
+    def waste(batches):  # padding a step would carry as one right-padded micro-batch
+        return sum(len(b) * max(lengths[i] for i in b) - sum(lengths[i] for i in b) for b in batches)
+
+    assert waste(steps) < 0.1 * waste(epoch_steps(640, 8, seed=1, epoch=0))
+    assert steps == epoch_steps(640, 8, seed=1, epoch=0, lengths=lengths)
 
 
 def test_bucketing_respects_the_token_budget_and_packing_the_row_length():

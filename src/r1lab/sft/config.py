@@ -42,8 +42,8 @@ class SFTConfig(Section):
     )
     batching: Literal["pack", "bucket"] = Field(
         "bucket",
-        description="bucket: rows of similar length, right-padded; pack: several conversations per row "
-        "with attention kept inside each (measured slower here, see r1lab.sft.data)",
+        description="bucket: steps of similar-length conversations, right-padded (measured faster); "
+        "pack: several conversations per row, attention kept inside each (see r1lab.sft.data)",
     )
     lr: float = Field(1e-4, gt=0, description="peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="after warmup")

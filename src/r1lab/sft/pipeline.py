@@ -1,33 +1,29 @@
 """The four-stage DeepSeek-R1 recipe as one run: cold-start SFT -> RL -> rejection-sampling SFT -> RL.
 
-DeepSeek-R1 (not R1-Zero) is trained in four stages, each starting from the previous one's model:
+DeepSeek-R1 (unlike R1-Zero) is trained in four stages, each starting from the previous one's model:
+  1. cold start: long, readable chain-of-thought traces are collected (sampled from a teacher, verified,
+     kept when they show their working) and the base model is fine-tuned on them;
+  2. reasoning RL: GRPO with rule-based rewards, from the cold-start model;
+  3. rejection sampling: the stage-2 model writes k samples per training problem, the verified ones are
+     kept, and a model is fine-tuned on them. R1 fine-tuned the *base* on these plus other data;
+     `rejection.start` picks the base or the stage-2 model (tiny models on a few hundred traces do
+     better continuing from the RL model), `rejection.include_cold_start` adds the stage-1 traces;
+  4. RL again, from the stage-3 model.
 
-  1. cold start: a few thousand long, readable chain-of-thought traces are collected (sampled from a
-     teacher, verified, kept only when they show their working) and the base model is fine-tuned on
-     them, so RL starts from a model that already reasons in the wanted form;
-  2. reasoning RL: GRPO with rule-based rewards from the cold-start model;
-  3. rejection sampling: the stage-2 model writes k samples per training problem, the verified ones
-     are kept, and a model is fine-tuned on them (R1 fine-tuned the *base* model on these plus other
-     data; `rejection.start` chooses the base or the stage-2 model, `rejection.include_cold_start`
-     adds the stage-1 traces to the data, as R1 combined its data);
-  4. RL again from the stage-3 model.
+Every stage is an existing r1lab stage (`sft.sample.sample_traces`, `sft.train.train`, `rl.grpo.train`)
+configured by its own section; the pipeline fills in what links them (each stage's `model` is the
+previous stage's output, each `run_dir` a folder under `out`). On a laptop the cold-start teacher is the
+base itself sampled many times: its verified samples with a reflection phrase (and at least
+`min_tokens` long) are the long traces; `cold_start.sample.teacher` may instead name a stronger local
+checkpoint or an OpenAI-compatible endpoint (e.g. DeepSeek's API).
 
-Here every stage is an existing r1lab stage (`sft.sample.sample_traces`, `sft.train.train`,
-`rl.grpo.train`) configured by its own section of `PipelineConfig`; the pipeline fills in what links
-them (each stage's `model` is the previous stage's output, each `run_dir` is a folder under `out`).
-On a laptop the cold-start teacher is the base model itself sampled many times: its verified samples
-that contain a self-check (a reflection phrase) and are at least `min_tokens` long are the "long
-traces". `cold_start.sample.teacher` may instead name a stronger local checkpoint or an
-OpenAI-compatible endpoint (e.g. DeepSeek's API).
-
-After the base and after each stage the model is evaluated on the same held-out problems
-(`r1lab.quickstart.evaluate_model`: pass@1 averaged over k, maj@k, length, reflection rate).
-`OUT/pipeline.json` records the stages, their checkpoints, held-out numbers, wall time and FLOPs
-(sampling + training; evaluation separately); `OUT/report.html` overlays the stages' curves.
-
-Resumable by stage: a stage is skipped when `pipeline.json` says it finished, its checkpoint still
-exists and its settings (and start model) are unchanged; the first stage that is not skipped and
-every stage after it run afresh (an interrupted stage starts over). `--restart` reruns everything.
+After the base and after every stage the model is evaluated on the same held-out problems (the RL
+task's test split, graded by the RL grader). The driver, `r1lab.sft.pipeline_commands.run_pipeline`,
+keeps `OUT/pipeline.json` (stages, checkpoints, held-out numbers, wall time and FLOPs: teacher sampling
++ training, evaluation apart) and writes `OUT/report.html`, which overlays the stages' curves.
+Resumable by stage: a stage is skipped when `pipeline.json` says it finished, its checkpoint exists and
+its settings and start model are unchanged; the first stage not skipped and every later one run afresh
+(an interrupted stage starts over). `--restart` reruns everything, the base too.
 
 Run it:  r1lab pipeline recipes/r1-pipeline.yaml [rl1.rl.steps=40 ...] [--restart]
 """
@@ -42,15 +38,16 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from r1lab.config import R1labError, Section, dump_config
+from r1lab.config import R1labError, Section
 from r1lab.metrics.emergence import DEFAULT_REFLECTION_WORDS
 from r1lab.pretrain import PretrainConfig
-from r1lab.quickstart import HeldOut, QuickstartConfig, QuickstartGRPO
+from r1lab.quickstart import HeldOut
 from r1lab.rl.config import GRPOConfig
 from r1lab.sft.config import SampleConfig, SFTConfig, TeacherSpec
 
 #: stage name -> its folder under `out` (numbered, so a directory listing reads in order)
 STAGE_DIRS = {"cold_start": "1-cold-start", "rl1": "2-rl", "rejection": "3-rejection-sft", "rl2": "4-rl"}
+COLD_START_TRACES = "traces/cold_start.jsonl"  # in the cold-start folder: the traces stage 1 trained on
 
 
 class PipelineError(R1labError):
@@ -161,11 +158,59 @@ def fingerprint(section, start: str) -> str:
     return json.dumps({"settings": settings, "start": start}, sort_keys=True)
 
 
-def eval_view(cfg: PipelineConfig) -> QuickstartConfig:
-    """The pipeline seen as a quickstart config, so `evaluate_model` and `build_base` are reused as they are."""
-    grpo = QuickstartGRPO.model_validate(cfg.rl1.model_dump(exclude={"model", "run_dir"}))
-    pre = with_common(cfg.pretrain, cfg)
-    return QuickstartConfig(out=cfg.out, seed=cfg.seed, pretrain=pre, grpo=grpo, eval=cfg.eval)
+def evaluate_checkpoint(checkpoint: Path, cfg: PipelineConfig, tag: str) -> dict:
+    """Held-out numbers of a checkpoint, with the RL stages' engine, task (test split) and grader.
+
+    pass@1 averaged over k, maj@k, pass@k, format rate, mean length and reflection rate, seconds and
+    FLOPs (2N per generated token); the samples go to OUT/eval_<tag>.json and OUT/samples_<tag>.jsonl.
+    """
+    from r1lab.eval.commands import build_sampler
+    from r1lab.eval.config import ModelSource
+    from r1lab.eval.run import evaluate, write_eval
+    from r1lab.metrics import emergence_stats
+    from r1lab.modeling import matmul_params
+    from r1lab.rollout.base import SamplingParams
+    from r1lab.tasks import load_task
+
+    rl, e = cfg.rl1, cfg.eval
+    source = ModelSource(path=str(checkpoint), engine=rl.engine, dtype=rl.engine_dtype)
+    sampler = build_sampler(source, cfg.seed, cfg.threads)
+    spec = rl.eval_task or rl.task.model_copy(update={"split": "test", "limit": e.problems})
+    params = SamplingParams(temperature=e.temperature, max_tokens=e.max_tokens, seed=cfg.seed + 999)
+    try:
+        result = evaluate(
+            sampler, load_task(spec)[: e.problems], e.k, params, rl.reward, progress=cfg.progress is not False
+        )
+    finally:
+        getattr(sampler, "close", lambda: None)()
+    write_eval(result, cfg.out, tag=tag)
+    s, model = result.summary, getattr(sampler, "model", None)
+    texts, lengths = [x.text for x in result.samples], [x.n_tokens or 0 for x in result.samples]
+    return {
+        **{key: s.get(key) for key in ("pass@1", f"maj@{e.k}", f"pass@{e.k}", "format_rate")},
+        **emergence_stats(texts, lengths, rl.reflection_words),
+        "seconds": s["wall_time_s"],
+        "flops": 2.0 * matmul_params(model) * s["generated_tokens"] if model is not None else None,
+    }
+
+
+def pretrain_base(cfg: PipelineConfig) -> tuple[Path, bool]:
+    """Pretrain OUT/base as `pretrain` says, or reuse it when built with the same settings.
+
+    Returns the model directory and whether it was (re)built.
+    """
+    from r1lab.pretrain import pretrain
+
+    out = Path(cfg.out) / "base"
+    pre = with_common(cfg.pretrain, cfg).model_copy(update={"out": str(out), "seed": cfg.seed})
+    settings = json.dumps(pre.model_dump(mode="json", exclude={"threads", "progress"}), sort_keys=True)
+    stamp = out / "settings.json"
+    if (out / "model").is_dir() and stamp.is_file() and stamp.read_text(encoding="utf-8") == settings:
+        print(f"pipeline: reusing the base model in {out / 'model'} (same settings)")
+        return out / "model", False
+    model = pretrain(pre)
+    stamp.write_text(settings, encoding="utf-8")
+    return model, True
 
 
 class CountingSampler:
@@ -180,9 +225,7 @@ class CountingSampler:
         self.prompt_tokens += sum(len(c.prompt_token_ids) for c in out[::n])  # prefilled once per prompt
         return out
 
-    @property
-    def stats(self):
-        return getattr(self.inner, "stats", None)
+    stats = property(lambda self: getattr(self.inner, "stats", None))  # HTTP counters, when there are any
 
     def flops(self) -> float | None:
         """2N per processed token for a local teacher; None for an endpoint (its size is unknown here)."""
@@ -194,9 +237,7 @@ class CountingSampler:
         return 2.0 * matmul_params(model) * (self.prompt_tokens + self.completion_tokens)
 
     def close(self) -> None:
-        close = getattr(self.inner, "close", None)
-        if close is not None:
-            close()
+        getattr(self.inner, "close", lambda: None)()
 
 
 def sample_stage(section: SampleConfig, teacher: TeacherSpec, output: Path, overrides: dict) -> dict:
@@ -211,15 +252,11 @@ def sample_stage(section: SampleConfig, teacher: TeacherSpec, output: Path, over
     sample_cfg = SampleConfig.model_validate(data)
     sampler = CountingSampler(build_teacher(sample_cfg))
     try:
-        echo = print if sample_cfg.progress else _quiet
+        echo = print if sample_cfg.progress else lambda _line: None
         summary = sample_traces(sample_cfg, sampler, load_task(sample_cfg.task), echo=echo)
     finally:
         sampler.close()
     return {**summary, "completion_tokens": sampler.completion_tokens, "flops": sampler.flops()}
-
-
-def _quiet(_line: str) -> None:
-    """An `echo` that prints nothing."""
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -286,7 +323,7 @@ def cold_start(cfg: PipelineConfig, base: Path, stage_dir: Path) -> dict:
             f"(min_tokens={cs.min_tokens}, reflection={cs.reflection}); raise cold_start.sample.k or "
             "cold_start.sample.task.limit, or relax the filter"
         )
-    data = write_rows(long_rows, stage_dir / "traces" / "cold_start.jsonl")
+    data = write_rows(long_rows, stage_dir / COLD_START_TRACES)
     model, train_flops = train_sft(with_common(cs.sft, cfg), str(base), [data], stage_dir)
     return {
         "checkpoint": str(model),
@@ -295,14 +332,15 @@ def cold_start(cfg: PipelineConfig, base: Path, stage_dir: Path) -> dict:
     }
 
 
-def rejection(cfg: PipelineConfig, base: Path, rl_model: Path, cold_traces: str, stage_dir: Path) -> dict:
+def rejection(cfg: PipelineConfig, base: Path, rl_model: Path, stage_dir: Path) -> dict:
     """Stage 3: verified samples of the stage-2 model; SFT of the base or the stage-2 model on them."""
     rj = cfg.rejection
     teacher = TeacherSpec(kind="local", path=str(rl_model))
     sampled = sample_stage(rj.sample, teacher, stage_dir / "traces" / "sampled.jsonl", common(cfg))
     if sampled["kept_total"] == 0:
         raise PipelineError(f"{cfg.out}: rejection sampling: the stage-2 model produced no verified trace")
-    data = [Path(sampled["output"])] + ([Path(cold_traces)] if rj.include_cold_start else [])
+    cold_traces = Path(cfg.out) / STAGE_DIRS["cold_start"] / COLD_START_TRACES
+    data = [Path(sampled["output"])] + ([cold_traces] if rj.include_cold_start else [])
     start = base if rj.start == "base" else rl_model
     model, train_flops = train_sft(with_common(rj.sft, cfg), str(start), data, stage_dir)
     return {
@@ -324,21 +362,7 @@ def _trace_counts(sampled: dict) -> dict:
     return {k: sampled.get(k) for k in keys}
 
 
-# --------------------------------------------------------------------------- the driver
-
-
-def stage_section(cfg: PipelineConfig, name: str) -> Section:
-    return {"cold_start": cfg.cold_start, "rl1": cfg.rl1, "rejection": cfg.rejection, "rl2": cfg.rl2}[name]
-
-
-def eval_key(cfg: PipelineConfig) -> str:
-    """What the held-out numbers depend on besides the model: a change re-evaluates, never retrains."""
-    task = cfg.rl1.task.model_dump(mode="json")
-    reward = cfg.rl1.reward.model_dump(mode="json")
-    return json.dumps([cfg.eval.model_dump(mode="json"), task, reward, cfg.seed], sort_keys=True)
-
-
-def run_stage(cfg: PipelineConfig, name: str, base: Path, start: Path, done: dict[str, dict]) -> dict:
+def run_stage(cfg: PipelineConfig, name: str, base: Path, start: Path) -> dict:
     """Run one stage in a clean folder; returns its record (checkpoint, traces, FLOPs, seconds)."""
     stage_dir = Path(cfg.out) / STAGE_DIRS[name]
     shutil.rmtree(stage_dir, ignore_errors=True)  # an interrupted stage starts over
@@ -348,122 +372,7 @@ def run_stage(cfg: PipelineConfig, name: str, base: Path, start: Path, done: dic
     if name == "cold_start":
         rec = cold_start(cfg, base, stage_dir)
     elif name == "rejection":
-        rec = rejection(cfg, base, start, done["cold_start"]["traces"]["file"], stage_dir)
+        rec = rejection(cfg, base, start, stage_dir)
     else:
-        rec = rl_stage(stage_section(cfg, name), cfg, start, stage_dir)
+        rec = rl_stage(getattr(cfg, name), cfg, start, stage_dir)
     return {"name": name, "dir": str(stage_dir), "start": str(start), **rec, "seconds": time.monotonic() - t0}
-
-
-def prepare_base(cfg: PipelineConfig, previous: dict) -> tuple[dict, bool]:
-    """The base model's record, and whether it changed since the previous run (then every stage reruns)."""
-    from r1lab.quickstart import build_base
-
-    if cfg.base:
-        if not Path(cfg.base).is_dir():
-            raise R1labError(f"field 'base': {cfg.base}: no such checkpoint directory")
-        path, seconds, flops, rebuilt = Path(cfg.base), 0.0, None, False
-    else:
-        path, wall, flops = build_base(eval_view(cfg), Path(cfg.out))
-        rebuilt = wall > 0  # build_base reports 0 s when it reused the base
-        seconds = json.loads((path.parent / "pretrain_summary.json").read_text()).get("seconds", wall)
-    old = previous.get("base", {})
-    changed = rebuilt or old.get("checkpoint") != str(path)
-    rec = {"name": "base", "checkpoint": str(path), "seconds": seconds, "flops": {"pretrain": flops}}
-    return (rec if changed else {**old, **rec}), changed
-
-
-def evaluated(rec: dict, cfg: PipelineConfig, key: str) -> dict:
-    """The record with held-out numbers for the current evaluation settings (evaluated if missing)."""
-    from r1lab.quickstart import evaluate_model
-
-    if rec.get("eval_key") == key and "heldout" in rec:
-        return rec
-    heldout = evaluate_model(Path(rec["checkpoint"]), eval_view(cfg), rec["name"], Path(cfg.out))
-    return {**rec, "heldout": heldout, "pass@1": heldout["pass@1"], "eval_key": key}
-
-
-def totals(base: dict, stages: list[dict]) -> dict:
-    recs = [base, *stages]
-    flops = {
-        r["name"]: sum(v for v in r["flops"].values() if v) + (r.get("heldout", {}).get("flops") or 0)
-        for r in recs
-    }
-    seconds = {r["name"]: r["seconds"] + r.get("heldout", {}).get("seconds", 0.0) for r in recs}
-    return {
-        "seconds": {**seconds, "total": sum(seconds.values())},
-        "flops": {**flops, "total": sum(flops.values())},
-    }
-
-
-def write_state(cfg: PipelineConfig, base: dict, stages: list[dict]) -> dict:
-    """`pipeline.json`, and the pipeline's own metrics.jsonl (one row per stage) that the report plots."""
-    from r1lab.metrics import RunDir
-    from r1lab.metrics.run import atomic_write_text
-
-    run = RunDir(cfg.out)
-    state = {
-        "task": cfg.rl1.task.name,
-        "k": cfg.eval.k,
-        "n_heldout": cfg.eval.problems,
-        "base": base,
-        "stages": stages,
-        **totals(base, stages),
-    }
-    run.write_json("pipeline.json", state)
-    rows = []
-    for i, r in enumerate([base, *stages]):
-        h = r.get("heldout", {})
-        row = {
-            "step": i,
-            "stage": r["name"],
-            "eval/pass@1": h.get("pass@1"),
-            f"eval/maj@{cfg.eval.k}": h.get(f"maj@{cfg.eval.k}"),
-        }
-        rows.append({**row, "flops": sum(v for v in r["flops"].values() if v), "step_time": r["seconds"]})
-    atomic_write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-    return state
-
-
-def run_pipeline(cfg: PipelineConfig, restart: bool = False) -> dict:
-    """Run (or finish) the four stages; returns the content of `pipeline.json` (plus `report`)."""
-    out = Path(cfg.out)
-    if restart:
-        for name in ["base", *STAGE_DIRS.values()]:
-            shutil.rmtree(out / name, ignore_errors=True)
-        (out / "pipeline.json").unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
-    state_path = out / "pipeline.json"
-    previous = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
-    dump_config(cfg, out / "config.yaml")
-    key = eval_key(cfg)
-    base, fresh = prepare_base(cfg, previous)
-    base = evaluated(base, cfg, key)
-    done_before = {s["name"]: s for s in previous.get("stages", [])}
-    stages: list[dict] = []
-    start = Path(base["checkpoint"])
-    for name in STAGE_DIRS:
-        fp = fingerprint(stage_section(cfg, name), str(start))
-        old = done_before.get(name)
-        if not fresh and old and old.get("fingerprint") == fp and Path(old["checkpoint"]).is_dir():
-            print(f"pipeline: stage {name} done before ({old['checkpoint']}); skipped")
-            rec = old
-        else:
-            fresh = True  # this stage's output changes, so every later stage must run again
-            rec = {
-                **run_stage(cfg, name, Path(base["checkpoint"]), start, {s["name"]: s for s in stages}),
-                "fingerprint": fp,
-            }
-        stages.append(evaluated(rec, cfg, key))
-        state = write_state(cfg, base, stages)  # after every stage: an interruption keeps the finished ones
-        start = Path(rec["checkpoint"])
-    if cfg.report:
-        from r1lab.report import write_report
-
-        runs = [out, *([out / "base"] if (out / "base" / "metrics.jsonl").exists() else [])]
-        runs += [out / d for d in STAGE_DIRS.values()]
-        state["report"] = str(write_report(runs, out / "report.html"))
-    return state

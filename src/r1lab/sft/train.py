@@ -151,6 +151,7 @@ def train(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None) -
         f"{per_epoch} steps/epoch, {total_steps} steps, batching={cfg.batching}, device={device.type}"
     )
     n_params, pad_id = _n_params(model), tokenizer.pad_token_id
+    bucket_lengths = [len(e.ids) for e in examples] if cfg.batching == "bucket" else None
     model.train()
 
     def save(step: int) -> None:
@@ -168,7 +169,7 @@ def train(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None) -
         for step in range(start, total_steps):
             t0 = time.monotonic()
             epoch, index = divmod(step, per_epoch)
-            batch = epoch_steps(len(examples), cfg.batch_size, cfg.seed, epoch)[index]
+            batch = epoch_steps(len(examples), cfg.batch_size, cfg.seed, epoch, bucket_lengths)[index]
             mbs = step_micro_batches(
                 examples, batch, cfg.batching, cfg.micro_batch_tokens, cfg.max_seq_len, pad_id
             )
