@@ -1,0 +1,236 @@
+"""r1lab's GRPO training throughput (forward + backward + optimiser) against this machine's matmul peak.
+
+    .venv/bin/python benchmarks/train_throughput.py            # both sizes, fp32 and bf16, 64 and 256 rows
+    .venv/bin/python benchmarks/train_throughput.py --quick    # qwen2-4m, fp32, 64 rows, 2 timed updates
+
+What is timed is the trainer's own update, `r1lab.rl.grpo.policy_update`: the rollouts of one GRPO
+step (rows of prompt + completion tokens with an advantage each) are bucketed by length into
+micro-batches of at most `micro_batch_tokens` padded tokens, and each micro-batch goes through the
+forward pass, per-token log-probs, the clipped GRPO loss and the backward pass; then gradient
+clipping and one AdamW step. The rows imitate a GRPO step on the arithmetic task at 64 completion
+tokens: chat-template prompts of the built-in task and completion lengths drawn uniformly from 8 to 64.
+
+For contrast, `model-only` times the same model on the same padded batches with a plain next-token
+cross-entropy (HF forward + loss + backward + AdamW, nothing of r1lab): the gap between the two
+rows is what r1lab's loss path costs; the gap between `model-only` and 100% is the model's own.
+
+Throughput = trained tokens per second (real tokens, padding not counted); FLOPs = 6N per trained
+token (N = `matmul_params`), compared with `measure_matmul_peak` for the dtype (bf16 = autocast).
+Each configuration runs in a child process of its own. The last line printed is one JSON object
+(also saved as `benchmarks/results/train_throughput.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    RESULTS,
+    Clock,
+    StepTimers,
+    emit,
+    loadavg,
+    log,
+    measure_cpu_peaks,
+    measure_peaks,
+    peak_rss_mib,
+    problems_in_order,
+    run_child,
+)
+
+SCRIPT = Path(__file__).resolve()
+MAX_TOKENS = 64
+
+
+def grpo_rows(tokenizer, n: int, seed: int):
+    """n rollouts shaped like a GRPO step on the arithmetic task: real prompts, 8..64 completion tokens."""
+    from r1lab.rl.grpo import Rollout
+
+    rng = random.Random(seed)
+    problems = problems_in_order(seed, n)
+    rows = []
+    for p in problems:
+        text = tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        completion = [rng.randrange(8, 200) for _ in range(rng.randint(8, MAX_TOKENS))]  # byte tokens
+        rows.append(
+            Rollout(prompt + completion, len(prompt), rng.choice([-1.0, 1.0]), [0.0] * len(completion))
+        )
+    return rows
+
+
+def worker(spec: dict) -> dict:
+    import torch
+
+    from r1lab.modeling import build_char_tokenizer, build_model, matmul_params
+    from r1lab.modeling.train_state import make_optimizer, make_scheduler
+    from r1lab.rl import grpo
+    from r1lab.rl.config import GRPOConfig
+
+    torch.set_num_threads(spec["threads"])
+    tok = build_char_tokenizer()
+    model = build_model(spec["size"], tok, seed=0).train()
+    rows = grpo_rows(tok, spec["rows"], seed=0)
+    bf16 = spec["dtype"] == "bfloat16"
+    cfg = GRPOConfig.model_validate(
+        {
+            "model": "unused",
+            "sampling": {"max_tokens": MAX_TOKENS},
+            "rl": {"precision": "bf16" if bf16 else "fp32", "micro_batch_tokens": spec["micro_batch_tokens"]},
+        }
+    )
+    timers = StepTimers()  # wrapped before the optimiser exists: the scheduler binds its step method
+    timers.wrap(type(model), "forward", "model_forward")
+    timers.wrap(grpo, "token_logprobs", "forward_and_logprobs")
+    timers.wrap(torch.Tensor, "backward", "backward")
+    timers.wrap(torch.optim.AdamW, "step", "optimizer")
+    opt = make_optimizer(model, 1e-5, 0.0, (0.9, 0.99))
+    sched = make_scheduler(opt, "constant", 0, 10**6)
+    batches = grpo.micro_batches(rows, spec["micro_batch_tokens"])
+    padded = sum(len(mb) * max(len(r.ids) for r in mb) for mb in batches)
+
+    def model_only() -> None:
+        for mb in batches:
+            ids, attn, _ = grpo.collate(mb, tok.pad_token_id)  # [b, L] each
+            labels = ids.masked_fill(attn == 0, -100)  # [b, L]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def r1lab_update() -> None:
+        grpo.policy_update(model, None, opt, sched, rows, cfg, tok.pad_token_id, random.Random(0))
+
+    step = r1lab_update if spec["path"] == "r1lab" else model_only
+    clock = Clock()
+    for _ in range(spec["warmup"] + spec["iters"]):
+        timers.new_step()
+        clock.mark()
+        step()
+    clock.mark()
+    wall, cpu = (x[spec["warmup"] :] for x in clock.durations())
+    tokens = sum(len(r.ids) for r in rows)
+    return {
+        "seconds_per_update": sum(wall) / len(wall),
+        "cpu_seconds_per_update": sum(cpu) / len(cpu),
+        "tokens": tokens,
+        "padded_tokens": padded,
+        "micro_batches": len(batches),
+        "n_params": matmul_params(model),
+        "profile": timers.per_step(spec["warmup"], spec["iters"]),
+    }
+
+
+def run_all(args) -> dict:
+    peaks = measure_peaks(args.dtypes, args.threads, seconds=3.0)
+    cpu_peaks = measure_cpu_peaks(args.dtypes, args.threads, seconds=2.0)
+    print(
+        f"load average {loadavg()}; matmul peak "
+        + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())
+    )
+    print("per CPU-second: " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP" for d, v in cpu_peaks.items()))
+    print(
+        f"{'size':10} {'dtype':9} {'path':10} {'rows':>4} {'mb tok':>6} {'pad%':>4} {'s/upd':>6} {'cpu s':>6} {'tok/s':>6} "
+        f"{'GFLOP/s':>7} {'of peak':>7} {'w/ pad':>6} {'per cpu':>7}  load"
+    )
+    configs = []
+    for size, dtype, n_rows in itertools.product(args.sizes, args.dtypes, args.rows):
+        # r1lab's update at each micro-batch budget, then the bare model at the first (r1lab's default)
+        runs = [("r1lab", mbt) for mbt in args.micro_batch_tokens] + [
+            ("model-only", args.micro_batch_tokens[0])
+        ]
+        for path, mbt in runs:
+            spec = {"size": size, "dtype": dtype, "rows": n_rows, "path": path, "micro_batch_tokens": mbt}
+            spec.update(threads=args.threads, warmup=args.warmup, iters=args.iters)
+            log(f"throughput: {size} {dtype} {n_rows} rows {path} micro-batch {mbt} tokens")
+            r = run_child(SCRIPT, spec, args.timeout)
+            configs.append(digest(spec, r, peaks[dtype], cpu_peaks[dtype]))
+    return {"matmul_peak_flops": peaks, "matmul_flops_per_cpu_s": cpu_peaks, "configs": configs}
+
+
+def digest(spec: dict, r: dict, peak: float, cpu_peak: float) -> dict:
+    out = {k: spec[k] for k in ("size", "dtype", "rows", "path", "micro_batch_tokens")}
+    if "error" in r:
+        print(f"{spec['size']:10} {spec['dtype']:9} {spec['path']:10} error: {r['error']}")
+        return {**out, "error": r["error"]}
+    s = r["seconds_per_update"]
+    flops = 6 * r["n_params"] * r["tokens"]
+    out.update(
+        seconds_per_update=s,
+        tokens_per_s=r["tokens"] / s,
+        achieved_gflops=flops / s / 1e9,
+        fraction_of_peak=flops / s / peak,
+        cpu_seconds_per_update=r["cpu_seconds_per_update"],
+        cpu_fraction_of_peak=flops / r["cpu_seconds_per_update"] / cpu_peak,
+        padding_fraction=1 - r["tokens"] / r["padded_tokens"],
+        # what the kernels ran at, padding included: the part of the gap that packing cannot close
+        padded_fraction_of_peak=6 * r["n_params"] * r["padded_tokens"] / s / peak,
+        micro_batches=r["micro_batches"],
+        peak_rss_mib=r["peak_rss_mib"],
+        loadavg=r["loadavg"],
+        profile=r["profile"],
+    )
+    print(
+        f"{spec['size']:10} {spec['dtype']:9} {spec['path']:10} {spec['rows']:4d} {spec['micro_batch_tokens']:6d} "
+        f"{out['padding_fraction']:4.0%} "
+        f"{s:6.2f} {out['cpu_seconds_per_update']:6.2f} {out['tokens_per_s']:6.0f} {out['achieved_gflops']:7.2f} "
+        f"{out['fraction_of_peak']:7.1%} {out['padded_fraction_of_peak']:6.1%} {out['cpu_fraction_of_peak']:7.1%}  "
+        f"{r['loadavg'][0]:.1f}"
+    )
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--sizes", default="qwen2-4m,qwen2-34m")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--rows", default="64,256", help="rollouts per update (8 prompts x 8 = 64)")
+    p.add_argument("--iters", type=int, default=3, help="timed updates per configuration")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--micro-batch-tokens",
+        default="16384,2048",
+        help="rl.micro_batch_tokens values (16384: r1lab's default)",
+    )
+    p.add_argument("--timeout", type=float, default=1200)
+    args = p.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # rows appear as they are measured
+    if args.worker:
+        spec = json.loads(args.worker)
+        emit({**worker(spec), "peak_rss_mib": peak_rss_mib(), "loadavg": loadavg()})
+        return 0
+    if args.quick:
+        args.sizes, args.dtypes, args.rows, args.iters = "qwen2-4m", "float32", "64", 2
+    args.sizes, args.dtypes = args.sizes.split(","), args.dtypes.split(",")
+    args.rows = [int(x) for x in args.rows.split(",")]
+    args.micro_batch_tokens = [int(x) for x in args.micro_batch_tokens.split(",")]
+    t0, load_start = time.perf_counter(), loadavg()
+    result = {
+        "benchmark": "train_throughput",
+        "threads": args.threads,
+        "loadavg_start": load_start,
+        **run_all(args),
+    }
+    result["loadavg_end"], result["seconds"] = loadavg(), time.perf_counter() - t0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=1, default=float))
+    emit(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
