@@ -120,24 +120,45 @@ def evaluate_model(model_dir: Path, cfg: QuickstartConfig, tag: str, out: Path) 
     }
 
 
+SHIPPED_BASES = Path(__file__).parent / "data" / "bases"
+
+
+def base_fingerprint(pre: PretrainConfig) -> str:
+    """What determines a base model: every pretraining setting except where it is written and how fast."""
+    return json.dumps(pre.model_dump(mode="json", exclude={"out", "progress", "threads"}), sort_keys=True)
+
+
+def find_base(fingerprint: str, dirs: list[Path]) -> Path | None:
+    """A base directory (holding model/ and settings.json) built with exactly these settings."""
+    for d in dirs:
+        stamp = d / "settings.json"
+        if (d / "model").is_dir() and stamp.exists() and stamp.read_text(encoding="utf-8") == fingerprint:
+            return d
+    return None
+
+
 def build_base(cfg: QuickstartConfig, out: Path) -> tuple[Path, float, float]:
-    """Pretrain the base (or reuse it when built with identical settings); returns (dir, seconds, flops)."""
+    """Load a base built with the same settings (this run's, or one shipped with r1lab), or pretrain
+    it; returns (model dir, seconds spent pretraining now, pretraining FLOPs)."""
     from r1lab.pretrain import pretrain
 
     pre_task = task_spec(cfg).model_copy(update={"limit": None, "seed": cfg.seed})
     pre = cfg.pretrain.model_copy(update={"out": str(out / "base"), "seed": cfg.seed, "task": pre_task})
-    base_dir = out / "base" / "model"
-    fingerprint = json.dumps(pre.model_dump(mode="json", exclude={"progress", "threads"}), sort_keys=True)
-    stamp = out / "base" / "settings.json"
-    if cfg.reuse_base and base_dir.is_dir() and stamp.exists() and stamp.read_text() == fingerprint:
-        info = json.loads((out / "base" / "pretrain_summary.json").read_text())
-        print(f"reusing the base model in {base_dir} (same settings)")
-        return base_dir, 0.0, info.get("flops", 0.0)
+    fingerprint = base_fingerprint(pre)
+    candidates = [out / "base", *sorted(SHIPPED_BASES.glob("*"))] if cfg.reuse_base else []
+    found = find_base(fingerprint, candidates)
+    if found is not None:
+        info = json.loads((found / "pretrain_summary.json").read_text())
+        print(
+            f"using the base model in {found / 'model'} (built with these exact settings; "
+            f"{info.get('seconds', 0):.0f} s of pretraining when it was made)"
+        )
+        return found / "model", 0.0, info.get("flops", 0.0)
     t0 = time.monotonic()
     pretrain(pre)
-    stamp.write_text(fingerprint)
+    (out / "base" / "settings.json").write_text(fingerprint, encoding="utf-8")
     info = json.loads((out / "base" / "pretrain_summary.json").read_text())
-    return base_dir, time.monotonic() - t0, info.get("flops", 0.0)
+    return out / "base" / "model", time.monotonic() - t0, info.get("flops", 0.0)
 
 
 def run_quickstart(cfg: QuickstartConfig, full: bool = False) -> dict:
