@@ -7,6 +7,7 @@ built here; a large init scale spreads the logits so greedy argmax has no near-t
 from __future__ import annotations
 
 import string
+import threading
 
 import pytest
 import torch
@@ -283,6 +284,30 @@ def test_abort_frees_the_slot_at_once():
     assert not engine.has_unfinished() and engine.step() == []
 
 
+def test_requests_added_from_another_thread_while_stepping():
+    engine = CPUEngine(build("qwen2"), TOK)
+    engine.eos_ids = frozenset()
+    greedy = SamplingParams(temperature=0, max_tokens=8)
+    ids = [engine.encode(p) for p in PROMPTS]
+    alone = [run_alone(engine, x, greedy) for x in ids]
+    got: dict[str, list[int]] = {}
+    done = threading.Event()
+
+    def worker():
+        while not done.is_set() or engine.has_unfinished():
+            for o in engine.step():
+                got.setdefault(o.request_id, []).append(o.token_id)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    for i, x in enumerate(ids):
+        engine.add_request(f"r{i}", x, greedy)
+    done.set()
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert [got[f"r{i}"] for i in range(len(ids))] == alone
+
+
 def test_streamed_deltas_add_up_to_the_text_and_hide_stop_prefixes():
     model = build("gpt2")
     engine = CPUEngine(model, TOK)
@@ -331,6 +356,10 @@ def test_sampler_draws_from_the_softmax_and_top_p_keeps_the_nucleus():
 
 def test_make_sampler():
     assert isinstance(make_sampler("cpu", model=build("gpt2"), tokenizer=TOK), CPUEngine)
-    for kind in ("vllm", "nope"):
-        with pytest.raises(R1labError):
-            make_sampler(kind)
+    with pytest.raises(R1labError, match="unknown sampler"):
+        make_sampler("nope")
+    with pytest.raises(R1labError, match="model= and tokenizer="):
+        make_sampler("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(R1labError, match="(?i)cuda|vllm"):
+            make_sampler("vllm", path="unused")

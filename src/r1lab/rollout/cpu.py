@@ -14,11 +14,14 @@ Every active sequence owns a row ("slot") of the KV cache. Each `step()` runs, i
 `generate(prompts, n, params)` is this same loop driven to completion, so RL rollouts, evaluation,
 teacher sampling and the server share one code path. Models with a lean forward (`kernels.py`: GPT-2,
 Qwen2/Llama/Mistral) run on it; any other causal LM falls back to the HF forward with one HF cache per
-row (`_HFBackend`): correct, slower.
+row (`HFBackend`): correct, slower.
 
-Thread-safety: one re-entrant lock guards all state. `add_request`/`abort` may be called from any
-thread; they wait for a running `step()` to finish (a few milliseconds) and then act at once.
-`generate()` holds the lock for the whole call and refuses to run while streaming requests are live.
+Thread-safety: `step()` and `generate()` hold the engine lock, so one runs at a time. `add_request`,
+`abort` and `has_unfinished` may be called from any thread and never wait for a step: a new request
+goes to an inbox the next step admits; an abort frees the slot at once when no step is running, else
+when the running step ends (that step reports nothing for it). `generate()` refuses to start while
+streaming requests are live, and `add_request` refuses while a `generate()` runs, so neither path
+ever steps the other's requests and drops their tokens.
 
 Weights: the engine reads the model's weights at construction and again whenever a parameter was
 modified in place (an optimizer step, `load_state_dict`) before the next `generate()`; call
@@ -31,7 +34,6 @@ modified in place (an optimizer step, `load_state_dict`) before the next `genera
 from __future__ import annotations
 
 import copy
-import inspect
 import itertools
 import threading
 from collections import deque
@@ -41,6 +43,7 @@ import torch
 
 from r1lab.config import R1labError
 from r1lab.rollout import kernels
+from r1lab.rollout.backends import HFBackend, LeanBackend
 from r1lab.rollout.base import Completion, Prompt, SamplingParams
 from r1lab.rollout.detok import TextStream
 from r1lab.rollout.sampling import RowParams, derive_key, sample
@@ -85,108 +88,6 @@ class _Group:
     logits: torch.Tensor | None = None  # [V] next-token logits after the prompt
 
 
-class _LeanBackend:
-    """Slots in one preallocated cache, forwards from `kernels`."""
-
-    def __init__(self, lm: kernels.LeanModel):
-        self.lm = lm
-        self.max_len = lm.max_len
-        self.k = self.v = torch.empty(0)
-
-    def capacity(self) -> tuple[int, int]:
-        return (self.k.shape[1], self.k.shape[3]) if self.k.dim() == 5 else (0, 0)
-
-    def truncate(self, rows: int) -> None:
-        """Rows past `rows` are dead; their cache is simply overwritten later."""
-
-    def reserve(self, rows: int, length: int) -> None:
-        """Grow the cache to at least `rows` slots of `length` positions (copying what is there)."""
-        lm = self.lm
-        if self.k.dim() == 5 and self.k.shape[1] >= rows and self.k.shape[3] >= length:
-            return
-        old_rows, old_len = self.capacity()
-        rows, length = max(rows, old_rows), max(length, old_len)
-        shape = (lm.n_layers, rows, lm.n_kv_heads, length, lm.head_dim)
-        # Zeros, not empty: attention multiplies the masked (never written) positions by a zero
-        # weight, and 0 * NaN from stale memory would poison the row.
-        k, v = torch.zeros(shape, dtype=lm.dtype), torch.zeros(shape, dtype=lm.dtype)
-        if old_rows:
-            k[:, :old_rows, :, :old_len] = self.k
-            v[:, :old_rows, :, :old_len] = self.v
-        self.k, self.v = k, v
-        kernels.ensure_rope(lm, length)
-
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[object]]:
-        lens = [len(p) for p in prompts]
-        tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)  # [N]
-        logits, kv = kernels.prefill(self.lm, tokens, lens)  # [P, V], L x ([N, H_kv, D], [N, H_kv, D])
-        prefixes, start = [], 0
-        for t in lens:
-            k = torch.stack([kl[start : start + t].transpose(0, 1) for kl, _ in kv])  # [L, H_kv, t, D]
-            v = torch.stack([vl[start : start + t].transpose(0, 1) for _, vl in kv])  # [L, H_kv, t, D]
-            prefixes.append((k, v))
-            start += t
-        return logits, prefixes
-
-    def place(self, prefix, slots: list[int]) -> None:
-        k, v = prefix  # [L, H_kv, t, D] each
-        t, idx = k.shape[2], torch.tensor(slots)
-        shape = (k.shape[0], len(slots), *k.shape[1:])
-        self.k[:, idx, :, :t] = k[:, None].expand(shape)  # [L, n, H_kv, t, D]
-        self.v[:, idx, :, :t] = v[:, None].expand(shape)
-
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, n_ctx: int) -> torch.Tensor:
-        return kernels.decode_step(self.lm, self.k, self.v, tokens, pos, n_ctx)
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-
-class _HFBackend:
-    """Fallback for architectures without a lean forward: the HF model, one HF cache per slot."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-        cfg = model.config
-        self.max_len = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 1 << 30)
-        self.caches: list[object] = []
-        # transformers 5 renamed `past_key_values` to `cache`; accept both generations of the API.
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-
-    def capacity(self) -> tuple[int, int]:
-        return len(self.caches), self.max_len
-
-    def truncate(self, rows: int) -> None:
-        self.caches[rows:] = [None] * (len(self.caches) - rows)  # drop finished rows' caches
-
-    def reserve(self, rows: int, length: int) -> None:
-        self.caches += [None] * max(0, rows - len(self.caches))
-
-    def _forward(self, ids: list[int], cache=None):
-        out = self.model(input_ids=torch.tensor([ids]), use_cache=True, **{self._cache_kw: cache})
-        return out.logits[0, -1].float(), out.past_key_values  # [V], cache
-
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[object]]:
-        outs = [self._forward(p) for p in prompts]
-        return torch.stack([o[0] for o in outs]), [o[1] for o in outs]
-
-    def place(self, prefix, slots: list[int]) -> None:
-        for s in slots:
-            self.caches[s] = copy.deepcopy(prefix)
-
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, n_ctx: int) -> torch.Tensor:
-        rows = []
-        for b, t in enumerate(tokens.tolist()):
-            logits, self.caches[b] = self._forward([t], self.caches[b])
-            rows.append(logits)
-        return torch.stack(rows)  # [B, V]
-
-    def move(self, src: int, dst: int, length: int) -> None:
-        self.caches[dst], self.caches[src] = self.caches[src], None
-
-
 def _params_error(p: SamplingParams) -> str | None:
     if not p.temperature >= 0:
         return f"temperature must be >= 0 (got {p.temperature})"
@@ -205,12 +106,15 @@ class CPUEngine:
             raise R1labError(f"CPUEngine: dtype must be one of {sorted(_DTYPES)} (got {dtype!r})")
         if max_batch < 1:
             raise R1labError(f"CPUEngine: max_batch must be >= 1 (got {max_batch})")
-        self.model = model.eval()
+        self.model = model  # left in its mode: a trainer may own it; the lean forward has no dropout
         self.tokenizer = tokenizer
         self.dtype = _DTYPES[dtype]
         self.max_batch = max_batch
         self._gen = torch.Generator().manual_seed(seed)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # held by step() and generate(): the engine's state
+        self._inbox_lock = threading.Lock()  # held for microseconds: _live and _inbox
+        self._inbox: list[_Seq] = []  # added by add_request, admitted by the next step()
+        self._generating = False
         self._ids = itertools.count()
         self.eos_ids = self._eos_ids()
         keep = {tokenizer.convert_tokens_to_ids(t) for t in _KEEP_TOKENS if t in tokenizer.get_vocab()}
@@ -224,6 +128,8 @@ class CPUEngine:
         self._pos = torch.empty(0, dtype=torch.int64)  # [B] its position (= tokens already cached)
         self._count = torch.empty(0, dtype=torch.int64)  # [B] tokens drawn so far (noise counter)
         self._row_params: RowParams | None = None  # rebuilt when rows change
+        self.pack = True  # oneDNN-packed fp32 weights where available (measured faster; see kernels)
+        self.packed = False  # whether the current weights are packed
         self.sync_weights()
 
     # ------------------------------------------------------------------ setup
@@ -244,52 +150,66 @@ class CPUEngine:
             old = getattr(self, "_backend", None)
             if isinstance(lm, kernels.LeanModel):
                 self.fallback_reason = None
-                if isinstance(old, _LeanBackend):
+                self.packed = self.pack and kernels.pack_weights(lm, min(64, self.max_batch))
+                if isinstance(old, LeanBackend):
                     old.lm, old.max_len = lm, lm.max_len
                     kernels.ensure_rope(lm, max(1, old.capacity()[1]))
                 else:
-                    self._backend = _LeanBackend(lm)
+                    self._backend = LeanBackend(lm)
             else:
                 self.fallback_reason = lm
                 # A converted copy, so that the caller's (training) model keeps its dtype.
                 model = (
                     self.model if self.model.dtype == self.dtype else copy.deepcopy(self.model).to(self.dtype)
                 )
-                if isinstance(old, _HFBackend):
+                if isinstance(old, HFBackend):
                     old.model = model
                 else:
-                    self._backend = _HFBackend(model)
+                    self._backend = HFBackend(model)
             self._version = self._weights_version()
 
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Queue one request; it is prefilled by the next `step()` that has a free slot."""
-        with self._lock:
+        """Queue one request; the next `step()` with a free slot prefills it. Never waits for a step."""
+        with self._inbox_lock:
+            if self._generating:
+                raise R1labError("add_request: the engine is inside generate(); wait for it to return")
             if request_id in self._live:
                 raise R1labError(f"add_request: request id {request_id!r} is already active")
             seed = params.seed if params.seed is not None else self._random_seed()
             seq = self._new_seq(request_id, list(prompt_ids), params, derive_key(seed, 0), stream=True)
-            self._waiting.append(_Group(seq.prompt_ids, deque([seq])))
             self._live[request_id] = seq
+            self._inbox.append(seq)
 
     def abort(self, request_id: str) -> None:
-        """Forget a request now; its slot is free for the next step. Unknown ids are ignored."""
-        with self._lock:
+        """Forget a request. Its slot is freed now, or, if a step is running in another thread, when
+        that step ends (it produces no output for the request). Unknown ids are ignored."""
+        with self._inbox_lock:
             seq = self._live.pop(request_id, None)
             if seq is None:
                 return
             seq.finish_reason = "abort"
-            for g in self._waiting:
-                if seq in g.seqs:
-                    g.seqs.remove(seq)
-            self._waiting = deque(g for g in self._waiting if g.seqs)
-            if seq in self._rows:
-                self._compact()
+        if self._lock.acquire(blocking=False):  # no step in flight (or we are inside one): free now
+            try:
+                self._reap()
+            finally:
+                self._lock.release()
 
     def has_unfinished(self) -> bool:
-        with self._lock:
-            return bool(self._live)
+        return bool(self._live)
+
+    def _reap(self) -> None:
+        """Admit the inbox to the queue; drop aborted requests from the queue and from the rows."""
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        self._waiting += [_Group(s.prompt_ids, deque([s])) for s in inbox if s.finish_reason is None]
+        if any(s.finish_reason for g in self._waiting for s in g.seqs):
+            for g in self._waiting:
+                g.seqs = deque(s for s in g.seqs if s.finish_reason is None)
+            self._waiting = deque(g for g in self._waiting if g.seqs)
+        if any(s.finish_reason for s in self._rows):
+            self._compact()
 
     def _random_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self._gen).item())
@@ -322,6 +242,7 @@ class CPUEngine:
     def step(self) -> list[StepOutput]:
         """One forward for every active request (decode the running, prefill newcomers); one token each."""
         with self._lock, torch.inference_mode():
+            self._reap()
             old = len(self._rows)
             logits = []
             if old:
@@ -346,6 +267,7 @@ class CPUEngine:
             outs = [
                 self._advance(seq, t, lp)
                 for seq, t, lp in zip(self._rows, tokens.tolist(), logps.tolist(), strict=True)
+                if seq.finish_reason is None  # not aborted from another thread during this step
             ]
             if any(s.finish_reason for s in self._rows):
                 self._compact()
@@ -417,7 +339,8 @@ class CPUEngine:
                 seq.text = seq.stream.text
             else:
                 seq.text = self.text_of(seq.tokens)
-            self._live.pop(seq.request_id, None)
+            with self._inbox_lock:
+                self._live.pop(seq.request_id, None)
         return StepOutput(seq.request_id, token, logprob, delta, reason is not None, reason)
 
     def _cut_stop(self, seq: _Seq) -> None:
@@ -463,36 +386,49 @@ class CPUEngine:
         if n < 1:
             raise R1labError(f"generate: n must be >= 1 (got {n})")
         with self._lock:
-            if self._live:
-                raise R1labError("generate: the engine is serving streaming requests; use add_request/step")
-            if self._weights_version() != self._version:
-                self.sync_weights()
-            seed = params.seed if params.seed is not None else self._random_seed()
-            seqs: list[_Seq] = []
-            try:
-                call = next(self._ids)
-                for i, prompt in enumerate(prompts):
-                    ids = self.encode(prompt)
-                    group = [
-                        self._new_seq(
-                            f"\x00gen{call}:{i * n + j}", ids, params, derive_key(seed, i * n + j), False
-                        )
-                        for j in range(n)
-                    ]
-                    seqs += group
-                    self._waiting.append(_Group(ids, deque(group)))
-                    self._live.update((s.request_id, s) for s in group)
-                if seqs:
-                    # One allocation for the whole call: every row and the longest sequence fit.
-                    self._backend.reserve(
-                        min(self.max_batch, len(seqs)), max(len(s.prompt_ids) + s.max_new for s in seqs)
+            with self._inbox_lock:
+                if self._live:
+                    raise R1labError(
+                        "generate: the engine is serving streaming requests; use add_request/step"
                     )
-                while self._live:
-                    self.step()
-            except BaseException:
-                for s in seqs:
-                    self.abort(s.request_id)
-                raise
+                self._generating = (
+                    True  # add_request refuses until we are done: nobody else's tokens are lost
+                )
+            try:
+                return self._generate(prompts, n, params)
+            finally:
+                self._generating = False
+
+    def _generate(self, prompts: list[Prompt], n: int, params: SamplingParams) -> list[Completion]:
+        if self._weights_version() != self._version:
+            self.sync_weights()
+        seed = params.seed if params.seed is not None else self._random_seed()
+        call = next(self._ids)
+        seqs: list[_Seq] = []
+        try:
+            for i, prompt in enumerate(prompts):
+                ids = self.encode(prompt)
+                group = [
+                    self._new_seq(
+                        f"\x00gen{call}:{i * n + j}", ids, params, derive_key(seed, i * n + j), False
+                    )
+                    for j in range(n)
+                ]
+                seqs += group
+                self._waiting.append(_Group(ids, deque(group)))
+                with self._inbox_lock:
+                    self._live.update((s.request_id, s) for s in group)
+            if seqs:
+                # One allocation for the whole call: every row and the longest sequence fit.
+                self._backend.reserve(
+                    min(self.max_batch, len(seqs)), max(len(s.prompt_ids) + s.max_new for s in seqs)
+                )
+            while self._live:
+                self.step()
+        except BaseException:
+            for s in seqs:
+                self.abort(s.request_id)
+            raise
         return [
             Completion(
                 prompt_index=k // n,

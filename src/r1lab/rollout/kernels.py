@@ -60,7 +60,8 @@ class LeanLayer:
 class LeanModel:
     """Weights of a supported decoder, laid out for `prefill`/`decode_step`, in one dtype."""
 
-    arch: str  # "gpt2" or "llama"
+    arch: str  # "gpt2" (learned positions, LayerNorm) or "llama" (RoPE, RMSNorm)
+    act: str  # "swiglu", "gelu_tanh" or "gelu"
     n_heads: int
     n_kv_heads: int
     head_dim: int
@@ -136,7 +137,8 @@ def _gpt2(model, dtype) -> LeanModel | str:
             )
         )
     return LeanModel(
-        arch="gpt2" if cfg.activation_function in _GELU_TANH else "gpt2-erf",
+        arch="gpt2",
+        act="gelu_tanh" if cfg.activation_function in _GELU_TANH else "gelu",
         n_heads=h,
         n_kv_heads=h,
         head_dim=d // h,
@@ -189,6 +191,7 @@ def _llama(model, dtype) -> LeanModel | str:
         )
     return LeanModel(
         arch="llama",
+        act="swiglu",
         n_heads=h,
         n_kv_heads=hkv,
         head_dim=head_dim,
@@ -224,6 +227,39 @@ def ensure_rope(lm: LeanModel, n_positions: int) -> None:
 # --------------------------------------------------------------------------- building blocks
 
 
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, in] @ w.T + b; w is [out, in], or a oneDNN-packed copy of it (see `pack_weights`)."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    return F.linear(x, w, b)
+
+
+def pack_weights(lm: LeanModel, batch_hint: int = 64) -> bool:
+    """Re-lay the fp32 matmul weights in oneDNN's blocked format, in place; False if unavailable.
+
+    On the 2-core AVX2 CPU this project targets, oneDNN's packed fp32 GEMM beats MKL's for the wide
+    projections of decoding (e.g. 512 -> 4608 at 64 rows: ~50 vs ~31 GFLOP/s single-threaded; see
+    benchmarks/rollout_vs_hf.py). bf16 is left to F.linear: oneDNN's packed bf16 path needs AVX512.
+    Packing is checked against F.linear on a probe, and skipped if anything disagrees.
+    """
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if lm.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or mkldnn is None:
+        return False
+    try:
+        probe = torch.randn(3, lm.layers[0].qkv_w.shape[1])
+        packed = mkldnn._reorder_linear_weight(lm.layers[0].qkv_w, batch_hint)
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, lm.layers[0].qkv_b, "none", [], "")
+        if not torch.allclose(got, F.linear(probe, lm.layers[0].qkv_w, lm.layers[0].qkv_b), atol=1e-4):
+            return False
+    except (RuntimeError, AttributeError):
+        return False
+    for w in lm.layers:
+        for name in ("qkv_w", "o_w", "up_w", "down_w"):
+            setattr(w, name, mkldnn._reorder_linear_weight(getattr(w, name), batch_hint))
+    lm.lm_head = mkldnn._reorder_linear_weight(lm.lm_head, batch_hint)
+    return True
+
+
 def _norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) -> torch.Tensor:
     if b is not None:
         return F.layer_norm(x, x.shape[-1:], w, b, eps)
@@ -231,13 +267,13 @@ def _norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, eps: float) 
 
 
 def _mlp(lm: LeanModel, w: LeanLayer, h: torch.Tensor) -> torch.Tensor:
-    u = F.linear(h, w.up_w, w.up_b)  # [N, F] or [N, 2F]
-    if lm.arch == "llama":
+    u = _linear(h, w.up_w, w.up_b)  # [N, F] or [N, 2F]
+    if lm.act == "swiglu":
         gate, up = u.chunk(2, dim=-1)  # [N, F] each
-        u = F.silu(gate) * up  # [N, F]
+        u = F.silu(gate).mul_(up)  # [N, F]
     else:
-        u = F.gelu(u, approximate="tanh" if lm.arch == "gpt2" else "none")  # [N, F]
-    return F.linear(u, w.down_w, w.down_b)  # [N, d]
+        u = F.gelu(u, approximate="tanh" if lm.act == "gelu_tanh" else "none")  # [N, F]
+    return _linear(u, w.down_w, w.down_b)  # [N, d]
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -246,20 +282,27 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # [N, heads, D]
 
 
-def _qkv(lm: LeanModel, w: LeanLayer, h: torch.Tensor, pos: torch.Tensor):
-    """Project and position-encode; h [N, d], pos [N] -> q [N, H, D], k [N, H_kv, D], v [N, H_kv, D]."""
-    n, hq, hkv, dh = h.shape[0], lm.n_heads, lm.n_kv_heads, lm.head_dim
-    qkv = F.linear(h, w.qkv_w, w.qkv_b).view(n, hq + 2 * hkv, dh)  # [N, H + 2*H_kv, D]
+def _rotation(lm: LeanModel, pos: torch.Tensor):
+    """cos, sin [N, 1, D/2] for positions pos [N] (None without RoPE); computed once per forward."""
     if lm.cos is None:
+        return None
+    return lm.cos[pos][:, None], lm.sin[pos][:, None]
+
+
+def _qkv(lm: LeanModel, w: LeanLayer, h: torch.Tensor, rot):
+    """Project and position-encode; h [N, d] -> q [N, H, D], k [N, H_kv, D], v [N, H_kv, D]."""
+    n, hq, hkv, dh = h.shape[0], lm.n_heads, lm.n_kv_heads, lm.head_dim
+    qkv = _linear(h, w.qkv_w, w.qkv_b).view(n, hq + 2 * hkv, dh)  # [N, H + 2*H_kv, D]
+    if rot is None:
         qk = qkv[:, : hq + hkv]  # [N, H + H_kv, D]
     else:
         # q and k heads are adjacent in the fused projection: one rotation covers both.
-        qk = _rope(qkv[:, : hq + hkv], lm.cos[pos][:, None], lm.sin[pos][:, None])  # [N, H + H_kv, D]
+        qk = _rope(qkv[:, : hq + hkv], *rot)  # [N, H + H_kv, D]
     return qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]
 
 
 def _embed(lm: LeanModel, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    x = lm.embed[tokens]  # [N, d]
+    x = F.embedding(tokens, lm.embed)  # [N, d]
     if lm.pos_embed is not None:
         x = x + lm.pos_embed[pos]  # [N, d]
     return x
@@ -267,7 +310,7 @@ def _embed(lm: LeanModel, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tens
 
 def _logits(lm: LeanModel, x: torch.Tensor) -> torch.Tensor:
     x = _norm(x, lm.final_w, lm.final_b, lm.eps)  # [B, d]
-    return F.linear(x, lm.lm_head).float()  # [B, V]
+    return _linear(x, lm.lm_head).float()  # [B, V]
 
 
 # --------------------------------------------------------------------------- the two forwards
@@ -282,11 +325,12 @@ def prefill(lm: LeanModel, tokens: torch.Tensor, seq_lens: list[int]):
     pos = torch.cat([torch.arange(t) for t in seq_lens])  # [N]
     ensure_rope(lm, max(seq_lens))
     x = _embed(lm, tokens, pos)  # [N, d]
+    rot = _rotation(lm, pos)
     hq, dh = lm.n_heads, lm.head_dim
     kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     for w in lm.layers:
         h = _norm(x, w.norm1_w, w.norm1_b, lm.eps)  # [N, d]
-        q, k, v = _qkv(lm, w, h, pos)  # [N, H, D], [N, H_kv, D], [N, H_kv, D]
+        q, k, v = _qkv(lm, w, h, rot)  # [N, H, D], [N, H_kv, D], [N, H_kv, D]
         kv.append((k, v))
         out = torch.empty(x.shape[0], hq, dh, dtype=x.dtype)  # [N, H, D]
         start = 0
@@ -304,10 +348,24 @@ def prefill(lm: LeanModel, tokens: torch.Tensor, seq_lens: list[int]):
             )  # [1, H, t, D]
             out[sl] = o[0].transpose(0, 1)  # [t, H, D]
             start += t
-        x = x + F.linear(out.view(x.shape[0], hq * dh), w.o_w, w.o_b)  # [N, d]
+        x = x + _linear(out.view(x.shape[0], hq * dh), w.o_w, w.o_b)  # [N, d]
         x = x + _mlp(lm, w, _norm(x, w.norm2_w, w.norm2_b, lm.eps))  # [N, d]
     ends = torch.tensor(seq_lens).cumsum(0) - 1  # [P]
     return _logits(lm, x[ends]), kv
+
+
+def decode_attention(
+    q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """One query per row against its cached keys: q [B, H_kv, G, D], keys/vals [B, H_kv, T, D].
+
+    Two batched matmuls with the G query heads of a key head as the rows, so GQA needs no repeated
+    keys. Measured against `F.scaled_dot_product_attention(..., enable_gqa=True)` for head dim 64:
+    this is as fast or faster at decode shapes (benchmarks/rollout_vs_hf.py, ablation `attention`).
+    """
+    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(mask)  # [B, H_kv, G, T]
+    probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G, T]
+    return torch.matmul(probs, vals)  # [B, H_kv, G, D]
 
 
 def decode_step(
@@ -325,22 +383,27 @@ def decode_step(
     """
     b, hq, hkv, dh = tokens.shape[0], lm.n_heads, lm.n_kv_heads, lm.head_dim
     g = hq // hkv
-    rows = torch.arange(b)  # [B]
+    n_slots, t_max = k_cache.shape[1], k_cache.shape[3]
     # Additive mask: row b sees positions 0..pos[b]; shared by all layers.
     allowed = torch.arange(n_ctx)[None, :] <= pos[:, None]  # [B, T]
-    mask = torch.zeros(b, 1, 1, n_ctx, dtype=lm.dtype).masked_fill_(~allowed[:, None, None], float("-inf"))
+    mask = torch.where(allowed, 0.0, float("-inf")).to(lm.dtype)[:, None, None]  # [B, 1, 1, T]
+    # Where row b's new key/value goes in the cache flattened to [L*S*H_kv*T_max, D] (layer 0);
+    # layer i is the same plus i * S*H_kv*T_max. One index_copy_ per layer, no per-row Python.
+    heads = torch.arange(hkv)  # [H_kv]
+    slot0 = ((torch.arange(b)[:, None] * hkv + heads[None]) * t_max + pos[:, None]).view(-1)  # [B*H_kv]
+    layer_stride = n_slots * hkv * t_max
+    k_flat, v_flat = k_cache.view(-1, dh), v_cache.view(-1, dh)  # [L*S*H_kv*T_max, D]
     x = _embed(lm, tokens, pos)  # [B, d]
+    rot = _rotation(lm, pos)
     for i, w in enumerate(lm.layers):
         h = _norm(x, w.norm1_w, w.norm1_b, lm.eps)  # [B, d]
-        q, k, v = _qkv(lm, w, h, pos)  # [B, H, D], [B, H_kv, D], [B, H_kv, D]
-        k_cache[i, rows, :, pos] = k  # [B, H_kv, D] into [L, S, H_kv, T, D]
-        v_cache[i, rows, :, pos] = v
+        q, k, v = _qkv(lm, w, h, rot)  # [B, H, D], [B, H_kv, D], [B, H_kv, D]
+        idx = slot0 + i * layer_stride  # [B*H_kv]
+        k_flat.index_copy_(0, idx, k.reshape(b * hkv, dh))
+        v_flat.index_copy_(0, idx, v.reshape(b * hkv, dh))
         keys = k_cache[i, :b, :, :n_ctx]  # [B, H_kv, T, D] (strided view, no copy)
         vals = v_cache[i, :b, :, :n_ctx]  # [B, H_kv, T, D]
-        qg = q.reshape(b, hkv, g, dh)  # [B, H_kv, G, D]
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(w.scale).add_(mask)  # [B, H_kv, G, T]
-        probs = torch.softmax(scores, dim=-1)  # [B, H_kv, G, T]
-        att = torch.matmul(probs, vals)  # [B, H_kv, G, D]
-        x = x + F.linear(att.reshape(b, hq * dh), w.o_w, w.o_b)  # [B, d]
+        att = decode_attention(q.reshape(b, hkv, g, dh), keys, vals, mask, w.scale)  # [B, H_kv, G, D]
+        x = x + _linear(att.reshape(b, hq * dh), w.o_w, w.o_b)  # [B, d]
         x = x + _mlp(lm, w, _norm(x, w.norm2_w, w.norm2_b, lm.eps))  # [B, d]
     return _logits(lm, x)

@@ -1,0 +1,296 @@
+"""Tokens per second of r1lab's CPU engine against Hugging Face `generate`, plus the speed levers.
+
+Same model, same 64 chat prompts (ragged: 10-30 tokens), 64 new tokens each, sampling at T=1 with no
+top-k/top-p, and no early stop (r1lab: no EOS ids; HF: min_new_tokens), so both produce exactly
+batch x 64 tokens. Models are the tiny presets of `r1lab.modeling` with the character tokenizer:
+qwen2-4m (d256 x 4, GQA 4/2) and qwen2-34m (d512 x 8, GQA 8/2), in fp32 and bf16.
+
+Two clocks: wall time, and process CPU time. On a shared machine (other jobs on the same cores)
+wall time mostly measures the neighbours; with one thread, CPU time is the work this process did,
+so `cpu_tok_s` is the figure to compare. Runs of r1lab and HF are interleaved and the best of
+`--reps` is kept for each, so both see the same background load. The load average is printed.
+
+Ablations (fp32, the levers kept or dropped in the engine, each measured here):
+  pack        oneDNN-packed fp32 weights vs F.linear (MKL)                      -> kept (default)
+  attention   decode attention as two batched matmuls vs F.sdpa(enable_gqa)      -> matmuls kept
+  grad_mode   torch.inference_mode vs torch.no_grad around decoding             -> inference_mode
+  threads     torch.set_num_threads(1) vs os.cpu_count() (wall clock)            -> not set by the engine
+  compaction  early EOS: finished rows leave the batch; time vs decoding the full batch every step
+  batch       r1lab tokens/s at batch 16, 64, 128, 256
+  compile     torch.compile(decode_step, dynamic=True): only with --compile (minutes of compiling)
+
+    .venv/bin/python benchmarks/rollout_vs_hf.py                    # everything (~10 min on 2 cores)
+    .venv/bin/python benchmarks/rollout_vs_hf.py --presets qwen2-4m --dtypes float32 --no-ablations
+
+The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+from r1lab.modeling import build_model
+from r1lab.modeling.tokenizer import build_char_tokenizer
+from r1lab.rollout import CPUEngine, SamplingParams, kernels
+
+
+def make_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
+    rng = random.Random(seed)
+    prompts = []
+    for _ in range(n):
+        a, b = rng.randint(1, 10 ** rng.randint(1, 9)), rng.randint(1, 10 ** rng.randint(1, 9))
+        prompts.append([{"role": "user", "content": f"What is {a} + {b}?"}])
+    return prompts
+
+
+def clocks(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of fn()."""
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - w, time.process_time() - c
+
+
+def r1lab_run(engine: CPUEngine, prompts, new_tokens: int, seed: int) -> int:
+    outs = engine.generate(prompts, 1, SamplingParams(temperature=1.0, max_tokens=new_tokens, seed=seed))
+    return sum(len(o.token_ids) for o in outs)
+
+
+def hf_run(model, batch: dict, new_tokens: int) -> int:
+    with torch.inference_mode():
+        out = model.generate(
+            **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+        )  # fmt: skip
+    return (out.shape[1] - batch["input_ids"].shape[1]) * out.shape[0]
+
+
+def hf_batch(tok, prompts) -> dict:
+    """Left-padded prompts, as HF generate wants them."""
+    ids = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in ids]
+    width = max(map(len, ids))
+    input_ids = torch.tensor([[0] * (width - len(x)) + x for x in ids])
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def best_rate(runs: list[tuple[int, float, float]]) -> dict:
+    return {
+        "wall_tok_s": round(max(n / w for n, w, _ in runs), 1),
+        "cpu_tok_s": round(max(n / c for n, _, c in runs), 1),
+    }
+
+
+def head_to_head(preset, dtype, tok, args) -> dict:
+    model = build_model(preset, tok, seed=0).eval()
+    prompts = make_prompts(args.batch)
+    engine = CPUEngine(model, tok, dtype=dtype)
+    engine.eos_ids = frozenset()  # no early stop: exactly batch x new tokens
+    hf_model = model if dtype == "float32" else copy.deepcopy(model).to(torch.bfloat16)
+    batch = hf_batch(tok, prompts)
+    r1lab_run(engine, prompts[:4], 4, 0)  # warm-up: allocations, packing, first calls
+    hf_run(hf_model, {k: v[:4] for k, v in batch.items()}, 4)
+    ours, theirs = [], []
+    for rep in range(args.reps):
+        res = {}
+        w, c = clocks(lambda res=res: res.update(hf=hf_run(hf_model, batch, args.new_tokens)))
+        theirs.append((res["hf"], w, c))
+        w, c = clocks(
+            lambda res=res, rep=rep: res.update(ours=r1lab_run(engine, prompts, args.new_tokens, rep))
+        )
+        ours.append((res["ours"], w, c))
+    a, b = best_rate(ours), best_rate(theirs)
+    out = {"r1lab": a, "hf": b, "speedup_cpu": round(a["cpu_tok_s"] / b["cpu_tok_s"], 2)}
+    out["speedup_wall"] = round(a["wall_tok_s"] / b["wall_tok_s"], 2)
+    out["packed_weights"] = engine.packed
+    return out
+
+
+# --------------------------------------------------------------------------- ablations
+
+
+def engine_rate(engine, prompts, new_tokens, reps) -> float:
+    runs = []
+    for rep in range(reps):
+        res = {}
+        w, c = clocks(lambda res=res, rep=rep: res.update(n=r1lab_run(engine, prompts, new_tokens, rep)))
+        runs.append((res["n"], w, c))
+    return best_rate(runs)["cpu_tok_s"]
+
+
+def sdpa_attention(q, keys, vals, mask, scale):
+    b, hkv, g, d = q.shape
+    out = F.scaled_dot_product_attention(
+        q.reshape(b, hkv * g, 1, d), keys, vals, attn_mask=mask, scale=scale, enable_gqa=True
+    )  # [B, H, 1, D]
+    return out.view(b, hkv, g, d)
+
+
+def ablations(preset, tok, args) -> dict:
+    model = build_model(preset, tok, seed=0).eval()
+    prompts = make_prompts(args.batch)
+    engine = CPUEngine(model, tok)
+    engine.eos_ids = frozenset()
+    r1lab_run(engine, prompts[:4], 4, 0)
+    out: dict = {}
+    ab = {}
+    # Interleave the variants rep by rep so background load hits both alike.
+    variants = {
+        "packed": lambda: (setattr(engine, "pack", True), engine.sync_weights()),
+        "f_linear": lambda: (setattr(engine, "pack", False), engine.sync_weights()),
+    }
+    for _ in range(args.reps):
+        for name, setup in variants.items():
+            setup()
+            ab.setdefault(name, []).append(engine_rate(engine, prompts, args.new_tokens, 1))
+    out["pack"] = {k: max(v) for k, v in ab.items()}
+    engine.pack = True
+    engine.sync_weights()
+
+    ab = {}
+    original = kernels.decode_attention
+    for _ in range(args.reps):
+        for name, fn in (("matmul", original), ("sdpa", sdpa_attention)):
+            kernels.decode_attention = fn
+            ab.setdefault(name, []).append(engine_rate(engine, prompts, args.new_tokens, 1))
+    kernels.decode_attention = original
+    out["attention"] = {k: max(v) for k, v in ab.items()}
+
+    out["grad_mode"] = grad_modes(engine, args)
+
+    threads = {}
+    default = torch.get_num_threads()
+    for n in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(n)
+        runs = []
+        for rep in range(args.reps):
+            res = {}
+            w, c = clocks(
+                lambda res=res, rep=rep: res.update(n=r1lab_run(engine, prompts, args.new_tokens, rep))
+            )
+            runs.append((res["n"], w, c))
+        threads[str(n)] = best_rate(runs)["wall_tok_s"]
+    torch.set_num_threads(default)
+    out["threads_wall_tok_s"] = threads
+
+    out["compaction"] = compaction(engine, prompts, args)
+    out["batch_cpu_tok_s"] = {
+        str(b): engine_rate(engine, make_prompts(b, seed=b), args.new_tokens, max(1, args.reps - 1))
+        for b in (16, 64, 128, 256)
+    }
+    if args.compile:
+        out["compile"] = compile_ablation(engine, prompts, args)
+    return out
+
+
+def compaction(engine, prompts, args) -> dict:
+    """Rows that stop early leave the batch: compare with decoding the whole batch every step."""
+    engine.eos_ids = frozenset(range(40, 60))  # ~20 of 264 ids end a row: lengths spread out
+    cpu, lengths = [], []
+    for rep in range(args.reps):
+        params = SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=rep)
+        res = {}
+        cpu.append(
+            clocks(lambda res=res, params=params: res.update(outs=engine.generate(prompts, 1, params)))[1]
+        )
+        lengths = [len(o.token_ids) for o in res["outs"]]
+    engine.eos_ids = frozenset()
+    # Without compaction every row would be decoded until the longest is done (as HF generate does).
+    steps = max(lengths)
+    full = min(clocks(lambda rep=rep: r1lab_run(engine, prompts, steps, rep))[1] for rep in range(args.reps))
+    return {
+        "tokens": sum(lengths),
+        "longest": steps,
+        "cpu_s_compacting": round(min(cpu), 3),
+        "cpu_s_full_batch": round(full, 3),
+    }
+
+
+def grad_modes(engine, args) -> dict:
+    """decode_step alone under inference_mode vs no_grad (weights and cache made outside both)."""
+    lm = engine._backend.lm
+    b, t0, steps = args.batch, 32, 16
+    shape = (lm.n_layers, b, lm.n_kv_heads, t0 + steps, lm.head_dim)
+    k, v = torch.zeros(shape, dtype=lm.dtype), torch.zeros(shape, dtype=lm.dtype)
+    kernels.ensure_rope(lm, t0 + steps)
+    rates: dict[str, float] = {}
+    for _ in range(args.reps):
+        for name, mode in (("inference_mode", torch.inference_mode), ("no_grad", torch.no_grad)):
+            tokens, pos = torch.randint(8, 100, (b,)), torch.randint(t0 // 2, t0, (b,))
+
+            def run(tokens=tokens, pos=pos, mode=mode):
+                with mode():
+                    for i in range(steps):
+                        kernels.decode_step(lm, k, v, tokens, pos + i, int(pos.max()) + i + 1)
+
+            rates[name] = max(rates.get(name, 0.0), round(b * steps / clocks(run)[1], 1))
+    return rates
+
+
+def compile_ablation(engine, prompts, args) -> dict:
+    eager = kernels.decode_step
+    compiled = torch.compile(eager, dynamic=True)
+    kernels.decode_step = compiled
+    w, c = clocks(lambda: r1lab_run(engine, prompts[:8], 8, 0))
+    rate = engine_rate(engine, prompts, args.new_tokens, args.reps)
+    kernels.decode_step = eager
+    return {
+        "compile_wall_s": round(w, 1),
+        "compiled_cpu_tok_s": rate,
+        "eager_cpu_tok_s": engine_rate(engine, prompts, args.new_tokens, args.reps),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--presets", default="qwen2-4m,qwen2-34m")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads for the head-to-head (1: CPU time is exact)"
+    )
+    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of decode_step (slow)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tok = build_char_tokenizer()
+    report: dict = {
+        "threads": args.threads,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+        "results": {},
+    }
+    report["loadavg_start"] = os.getloadavg()[0]
+    for preset in args.presets.split(","):
+        for dtype in args.dtypes.split(","):
+            r = head_to_head(preset, dtype, tok, args)
+            report["results"][f"{preset}/{dtype}"] = r
+            print(
+                f"{preset:10s} {dtype:9s} r1lab {r['r1lab']['cpu_tok_s']:8.0f} tok/s cpu ({r['r1lab']['wall_tok_s']:6.0f} wall)"
+                f"  HF {r['hf']['cpu_tok_s']:8.0f} tok/s cpu ({r['hf']['wall_tok_s']:6.0f} wall)"
+                f"  speedup {r['speedup_cpu']:.2f}x cpu, {r['speedup_wall']:.2f}x wall",
+                flush=True,
+            )
+    if not args.no_ablations:
+        report["ablations"] = {}
+        for preset in args.presets.split(","):
+            a = ablations(preset, tok, args)
+            report["ablations"][preset] = a
+            for k, v in a.items():
+                print(f"{preset:10s} ablation {k:18s} {v}", flush=True)
+    report["loadavg_end"] = os.getloadavg()[0]
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
