@@ -127,3 +127,14 @@ def test_recipe_errors_name_the_field(tmp_path):
         load_config(SFTConfig, recipe)
     recipe.write_text("model: m\ndata: t.jsonl\n")
     assert load_config(SFTConfig, recipe).data == ["t.jsonl"]
+
+
+def test_resume_on_changed_data_is_refused(base, traces, tmp_path):
+    data = tmp_path / "traces.jsonl"
+    data.write_text(traces.read_text())
+    cfg = cfg_for(base, data, tmp_path / "run", epochs=2)
+    train(cfg, stop_after=2)
+    with open(data, "a") as f:
+        f.write(json.dumps({"messages": conv(99)}) + "\n")
+    with pytest.raises(R1labError, match="data changed"):
+        train(cfg, resume=True)

@@ -31,10 +31,11 @@ import torch.nn.functional as F
 from r1lab.config import R1labError, dump_config
 from r1lab.metrics import RunDir
 from r1lab.metrics.progress import StepProgress
-from r1lab.modeling import load_model, save_checkpoint
+from r1lab.modeling import load_model, matmul_params, save_checkpoint
 from r1lab.modeling.train_state import load_train_state, make_optimizer, make_scheduler, save_train_state
 from r1lab.sft.config import SFTConfig
 from r1lab.sft.data import (
+    Example,
     MicroBatch,
     TraceError,
     encode_all,
@@ -106,10 +107,9 @@ def plan_total_steps(n_examples: int, cfg: SFTConfig) -> tuple[int, int]:
     return per_epoch, min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def _n_params(model) -> int:
-    """Non-embedding parameters, for the 6N-per-token training FLOPs estimate."""
-    emb = model.get_input_embeddings().weight.numel()
-    return sum(p.numel() for p in model.parameters()) - emb
+def data_fingerprint(examples: list[Example]) -> dict[str, int]:
+    """What a checkpoint remembers of its data, so a resume on different data is refused, not silent."""
+    return {"examples": len(examples), "tokens": sum(len(e.ids) for e in examples)}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -142,26 +142,34 @@ def train(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None) -
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     scheduler = make_scheduler(optimizer, cfg.lr_schedule, cfg.warmup_steps, total_steps)
     start = 0
+    fingerprint = data_fingerprint(examples)
     if resume and latest is not None:
-        start = load_train_state(latest, optimizer, scheduler)["step"]
+        extra = load_train_state(latest, optimizer, scheduler)
+        if extra.get("data", fingerprint) != fingerprint:
+            raise R1labError(
+                f"{latest}: the training data changed since this checkpoint ({extra['data']} -> {fingerprint}); "
+                "an exact resume is impossible, start a new run_dir"
+            )
+        start = extra["step"]
         run.truncate_metrics(start)
     dump_config(cfg, run.config_path)
     print(
         f"sft: {len(examples)} conversations ({dropped} longer than {cfg.max_seq_len} tokens dropped), "
         f"{per_epoch} steps/epoch, {total_steps} steps, batching={cfg.batching}, device={device.type}"
     )
-    n_params, pad_id = _n_params(model), tokenizer.pad_token_id
+    n_params, pad_id = matmul_params(model), tokenizer.pad_token_id  # FLOPs: 6N per trained token
     bucket_lengths = [len(e.ids) for e in examples] if cfg.batching == "bucket" else None
     model.train()
 
     def save(step: int) -> None:
         def write(tmp: Path) -> None:
             save_checkpoint(model, tokenizer, tmp)
-            save_train_state(tmp, optimizer, scheduler, {"step": step})
+            save_train_state(tmp, optimizer, scheduler, {"step": step, "data": fingerprint})
 
         run.save_checkpoint(step, write, keep_last=cfg.keep_checkpoints)
 
     t_start, last, trained_tokens = time.monotonic(), {}, 0
+    plan_epoch, plan = -1, []  # the current epoch's steps, computed once per epoch
     keys = ("loss", "lr", "tok_per_s")
     with StepProgress(
         "sft", total_steps, start, keys=keys, enabled=cfg.progress, tensorboard_dir=run.path / "tb"
@@ -169,7 +177,12 @@ def train(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None) -
         for step in range(start, total_steps):
             t0 = time.monotonic()
             epoch, index = divmod(step, per_epoch)
-            batch = epoch_steps(len(examples), cfg.batch_size, cfg.seed, epoch, bucket_lengths)[index]
+            if epoch != plan_epoch:
+                plan_epoch, plan = (
+                    epoch,
+                    epoch_steps(len(examples), cfg.batch_size, cfg.seed, epoch, bucket_lengths),
+                )
+            batch = plan[index]
             mbs = step_micro_batches(
                 examples, batch, cfg.batching, cfg.micro_batch_tokens, cfg.max_seq_len, pad_id
             )
