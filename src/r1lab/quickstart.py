@@ -69,8 +69,10 @@ class QuickstartConfig(Section):
     digits: int = Field(
         3, ge=1, le=9, description="the built-in task: additions of numbers with this many digits"
     )
+    threads: int | None = Field(None, ge=1, description="torch threads for every stage (None: all cores)")
     reuse_base: bool = Field(
-        True, description="reuse OUT/base/model when it was built with the same settings"
+        True,
+        description="use a base built with the same settings (OUT/base, or one shipped in r1lab/data/bases)",
     )
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     grpo: QuickstartGRPO = Field(default_factory=QuickstartGRPO)
