@@ -180,7 +180,7 @@ def run_quickstart(cfg: QuickstartConfig, full: bool = False) -> dict:
     grpo_dir = out / "grpo"
     shutil.rmtree(grpo_dir, ignore_errors=True)  # derived from the base: a rerun starts RL afresh
     grpo_cfg = cfg.grpo.model_copy(
-        update={"model": str(base_dir), "run_dir": str(grpo_dir), "seed": cfg.seed}
+        update={"model": str(base_dir), "run_dir": str(grpo_dir), "seed": cfg.seed, "task": task_spec(cfg)}
     )
     t0 = time.monotonic()
     last = train(grpo_cfg)

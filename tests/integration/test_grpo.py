@@ -17,7 +17,6 @@ import torch
 
 from r1lab.config import load_config
 from r1lab.modeling import load_model
-from r1lab.pretrain import PretrainConfig, pretrain
 from r1lab.rl.config import GRPOConfig
 from r1lab.rl.grpo import train
 
@@ -27,20 +26,14 @@ R1LAB = str(Path(sys.executable).parent / "r1lab")
 
 
 @pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory) -> Path:
-    """A 0.9M-parameter GPT-2 pretrained for seconds on 1-digit additions whose working often slips:
-    right about half the time, so RL has something to fix (pick the direct or the checked answer)."""
-    out = tmp_path_factory.mktemp("base")
-    cfg = PretrainConfig(
-        preset="gpt2-1m",
-        out=str(out),
-        threads=1,
-        progress=False,
-        task={"name": "arithmetic", "split": "train", "options": {"digits": 1}},
-        corpus={"problems": 3000, "direct": 0.2, "working": 0.7, "check": 0.1, "slip_rate": 0.6},
-        train={"steps": 200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20},
-    )
-    return pretrain(cfg)
+def tiny_base() -> Path:
+    """The quickstart's shipped 1.9M-parameter base: right on about a quarter of 3-digit additions,
+    mostly by column working, so RL has something to raise."""
+    from r1lab.quickstart import SHIPPED_BASES
+
+    path = SHIPPED_BASES / "arith3-gpt2-2m" / "model"
+    assert path.is_dir(), "the shipped base is missing (r1lab pretrain recipes/pretrain-arithmetic.yaml)"
+    return path
 
 
 def grpo_config(base: Path, run_dir: Path, **over) -> GRPOConfig:
@@ -50,8 +43,8 @@ def grpo_config(base: Path, run_dir: Path, **over) -> GRPOConfig:
         "seed": 3,
         "threads": 1,
         "progress": False,
-        "task": {"name": "arithmetic", "split": "train", "limit": 2000, "options": {"digits": 1}},
-        "sampling": {"temperature": 1.0, "max_tokens": 48},
+        "task": {"name": "arithmetic", "split": "train", "limit": 2000, "options": {"digits": 3}},
+        "sampling": {"temperature": 1.0, "max_tokens": 96},
         "rl": {"steps": 4, "prompts_per_step": 4, "group_size": 4, "lr": 1e-3},
         "eval_problems": 8,
         "samples_every": 0,
