@@ -86,6 +86,7 @@ def distill_arm(cfg, f: DistillFindingConfig, out: Path, teacher: Path, student:
     """Rejection-sample the teacher, fine-tune the student on the kept traces; returns times and the model."""
     import shutil
 
+    from r1lab.quickstart import task_spec
     from r1lab.sft.config import SampleConfig, SFTConfig, TeacherSpec
     from r1lab.sft.pipeline import sample_stage, train_sft
 
@@ -95,7 +96,7 @@ def distill_arm(cfg, f: DistillFindingConfig, out: Path, teacher: Path, student:
     sample = SampleConfig(
         teacher=TeacherSpec(kind="local", path=str(teacher)),
         # a seed of its own: not the problems RL trained on first, never held-out ones (train split)
-        task=cfg.grpo.task.model_copy(
+        task=task_spec(cfg).model_copy(
             update={"split": "train", "limit": f.problems, "seed": cfg.grpo.task.seed + 7}
         ),
         sampling=cfg.grpo.sampling.model_copy(update={"temperature": f.temperature}),
@@ -140,6 +141,7 @@ def rl_arm(cfg, f: DistillFindingConfig, out: Path, student: Path, budget_s: flo
     """GRPO on the student with the quickstart's settings for `budget_s` seconds."""
     import shutil
 
+    from r1lab.quickstart import task_spec
     from r1lab.sft.pipeline import train_rl
 
     run_dir = out / "student_rl"
@@ -149,7 +151,8 @@ def rl_arm(cfg, f: DistillFindingConfig, out: Path, student: Path, budget_s: flo
     )
     # no held-out evaluation inside the loop: it would spend the arm's budget on something the other arm
     # does not do; both students are evaluated afterwards the same way
-    grpo = cfg.grpo.model_copy(update={"rl": rl, "max_seconds": budget_s, "eval_every": 0, "seed": cfg.seed})
+    update = {"task": task_spec(cfg), "rl": rl, "max_seconds": budget_s, "eval_every": 0, "seed": cfg.seed}
+    grpo = cfg.grpo.model_copy(update=update)
     t0 = time.monotonic()
     checkpoint, _, steps = train_rl(grpo, str(student), run_dir)
     return {"model": checkpoint, "seconds": time.monotonic() - t0, "steps": steps}
@@ -175,6 +178,7 @@ def run_distillation_finding(
     from r1lab.quickstart import evaluate_model
 
     finding = finding or getattr(cfg, "full", None) or DistillFindingConfig()
+    t_all = time.monotonic()
     out, teacher = Path(out_dir), Path(teacher_checkpoint)
     if not teacher.is_dir():
         raise R1labError(f"{teacher}: no such teacher checkpoint")
@@ -210,6 +214,7 @@ def run_distillation_finding(
             "distill": distilled["seconds"]["total"],
             "student_rl": rl["seconds"],
             "eval": sum(h["seconds"] for h in heldout.values()),
+            "total": time.monotonic() - t_all,  # the whole comparison: student base, both arms, evaluations
         },
         "student_rl_steps": rl["steps"],
         "traces": distilled["traces"],

@@ -11,12 +11,9 @@ import pytest
 import yaml
 
 from r1lab.distill_finding import DistillFindingConfig, run_distillation_finding
-from r1lab.pretrain import pretrain
-from r1lab.quickstart import QuickstartConfig
+from r1lab.quickstart import QuickstartConfig, build_base
 
 pytestmark = pytest.mark.slow
-
-ONE_DIGIT = {"name": "arithmetic", "split": "train", "limit": 2000, "seed": 1, "options": {"digits": 1}}
 
 
 def quickstart_config(out: Path) -> QuickstartConfig:
@@ -24,18 +21,18 @@ def quickstart_config(out: Path) -> QuickstartConfig:
     return QuickstartConfig.model_validate(
         {
             "out": str(out),
+            "digits": 1,
             "pretrain": {
                 "preset": "gpt2-2m",
                 "threads": 1,
                 "progress": False,
-                "task": {"name": "arithmetic", "split": "train", "options": {"digits": 1}},
                 "corpus": {"problems": 3000, "direct": 0.2, "working": 0.5, "check": 0.3, "slip_rate": 0.5},
                 "train": {"steps": 200, "batch_size": 32, "lr": 3e-3, "warmup_steps": 20},
             },
             "grpo": {
                 "threads": 1,
                 "progress": False,
-                "task": ONE_DIGIT,
+                "task": {"name": "arithmetic", "split": "train", "limit": 2000, "seed": 1},
                 "sampling": {"temperature": 1.0, "max_tokens": 48},
                 "rl": {"steps": 3, "prompts_per_step": 4, "group_size": 4, "lr": 1e-3},
                 "samples_every": 0,
@@ -49,8 +46,9 @@ def quickstart_config(out: Path) -> QuickstartConfig:
 def finding(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
     cfg = quickstart_config(out)
-    # the teacher: a 1.9M base (RL is not needed to test the plumbing; the quickstart passes its GRPO model)
-    teacher = pretrain(cfg.pretrain.model_copy(update={"out": str(out / "teacher")}))
+    # the teacher: the quickstart's 1.9M base (RL is not needed to test the plumbing; the quickstart
+    # passes its GRPO model)
+    teacher, _, _ = build_base(cfg, out)
     small = DistillFindingConfig(
         student_preset="gpt2-1m", pretrain_steps=60, problems=24, k=4, sft_epochs=1, sft_batch_size=8
     )
@@ -79,6 +77,10 @@ def test_the_student_is_smaller_and_has_its_own_base(finding):
     assert result["student"]["params"] < result["teacher"]["params"]
     assert Path(result["student"]["checkpoint"]) == out / "student" / "base" / "model"
     assert json.loads((out / "student" / "base" / "pretrain_summary.json").read_text())["steps"] == 60
+    student = yaml.safe_load((out / "student" / "base" / "config.yaml").read_text())
+    teacher = yaml.safe_load((out.parent / "base" / "config.yaml").read_text())
+    assert student["preset"] == "gpt2-1m" and teacher["preset"] == "gpt2-2m"
+    assert (student["task"], student["corpus"]) == (teacher["task"], teacher["corpus"]), "same corpus"
 
 
 def test_rl_arm_gets_the_distillation_arm_s_wall_time(finding):
