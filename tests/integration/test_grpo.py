@@ -64,7 +64,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_grpo_changes_parameters_and_raises_reward(tiny_base, tmp_path):
     cfg = grpo_config(
-        tiny_base, tmp_path / "run", rl={"steps": 30, "prompts_per_step": 8, "group_size": 8, "lr": 2e-3}
+        tiny_base, tmp_path / "run", rl={"steps": 30, "prompts_per_step": 8, "group_size": 8, "lr": 3e-4}
     )
     last = train(cfg)
     before, after = weights(tiny_base), weights(Path(last["final_checkpoint"]))
