@@ -6,8 +6,8 @@ DeepSeek-R1 (unlike R1-Zero) is trained in four stages, each starting from the p
   2. reasoning RL: GRPO with rule-based rewards, from the cold-start model;
   3. rejection sampling: the stage-2 model writes k samples per training problem, the verified ones are
      kept, and a model is fine-tuned on them. R1 fine-tuned the *base* on these plus other data;
-     `rejection.start` picks the base or the stage-2 model (tiny models on a few hundred traces do
-     better continuing from the RL model), `rejection.include_cold_start` adds the stage-1 traces;
+     `rejection.start` picks the base or the stage-2 model (default: the stage-2 model, since a few
+     hundred traces are far from R1's 800k), `rejection.include_cold_start` adds the stage-1 traces;
   4. RL again, from the stage-3 model.
 
 Every stage is an existing r1lab stage (`sft.sample.sample_traces`, `sft.train.train`, `rl.grpo.train`)
