@@ -128,11 +128,12 @@ def distill_arm(cfg, f: DistillFindingConfig, out: Path, teacher: Path, student:
         progress=cfg.grpo.progress,
     )
     t1 = time.monotonic()
-    model, _ = train_sft(sft, str(student), [traces], run_dir)
+    model, sft_flops = train_sft(sft, str(student), [traces], run_dir)
     t_sft = time.monotonic() - t1
     return {
         "model": model,
         "seconds": {"sampling": t_sample, "sft": t_sft, "total": t_sample + t_sft},
+        "flops": {"sampling": sampled["flops"], "sft": sft_flops},
         "traces": {k: sampled[k] for k in ("total", "accepted", "kept_total", "acceptance_rate")},
     }
 
@@ -154,8 +155,8 @@ def rl_arm(cfg, f: DistillFindingConfig, out: Path, student: Path, budget_s: flo
     update = {"task": task_spec(cfg), "rl": rl, "max_seconds": budget_s, "eval_every": 0, "seed": cfg.seed}
     grpo = cfg.grpo.model_copy(update=update)
     t0 = time.monotonic()
-    checkpoint, _, steps = train_rl(grpo, str(student), run_dir)
-    return {"model": checkpoint, "seconds": time.monotonic() - t0, "steps": steps}
+    checkpoint, flops, steps = train_rl(grpo, str(student), run_dir)
+    return {"model": checkpoint, "seconds": time.monotonic() - t0, "steps": steps, "flops": flops}
 
 
 def n_params(model_dir: Path) -> int:
@@ -215,6 +216,11 @@ def run_distillation_finding(
             "student_rl": rl["seconds"],
             "eval": sum(h["seconds"] for h in heldout.values()),
             "total": time.monotonic() - t_all,  # the whole comparison: student base, both arms, evaluations
+        },
+        "flops": {  # the teacher's sampling counts 2N (teacher) per token; training 6N (student)
+            "distill_sampling": distilled["flops"]["sampling"],
+            "distill_sft": distilled["flops"]["sft"],
+            "student_rl": rl["flops"],
         },
         "student_rl_steps": rl["steps"],
         "traces": distilled["traces"],

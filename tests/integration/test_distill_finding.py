@@ -98,4 +98,5 @@ def test_rl_arm_gets_the_distillation_arm_s_wall_time(finding):
     assert rows[-1]["elapsed"] > s["distill"] - 1.0
     assert len(rows) == 1 or rows[-2]["elapsed"] <= s["distill"]
     assert result["traces"]["kept_total"] >= 1
+    assert all(v > 0 for v in result["flops"].values())
     assert json.loads((out / "distill_finding.json").read_text())["pass@1"] == result["pass@1"]
