@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 from r1lab.config import R1labError
 
@@ -217,6 +218,7 @@ def load_model(
     config = _load_config(path)
     tokenizer = load_tokenizer(path)
     try:
+        hf_logging.disable_progress_bar()  # one-line errors and clean logs; loading a tiny model needs no bar
         model, info = AutoModelForCausalLM.from_pretrained(
             path,
             config=config,

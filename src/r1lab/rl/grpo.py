@@ -267,11 +267,11 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
         )
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    model, tokenizer = load_model(latest if (resume and latest) else cfg.model)
-    model.to(cfg.device)
-    train_problems = load_task(cfg.task)
+    train_problems = load_task(cfg.task)  # tasks first: a bad task name fails before any model loads
     eval_spec = cfg.eval_task or cfg.task.model_copy(update={"split": "test", "limit": cfg.eval_problems})
     eval_problems = load_task(eval_spec)[: cfg.eval_problems]
+    model, tokenizer = load_model(latest if (resume and latest) else cfg.model)
+    model.to(cfg.device)
     ref_model = None
     if cfg.rl.kl_coef > 0:
         ref_model, _ = load_model(cfg.model)
