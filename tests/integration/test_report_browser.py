@@ -10,20 +10,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from browser_support import ARGS, CHROMIUM
 
 from r1lab.report import write_report
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from browser_support import ARGS, CHROMIUM
 
 from r1lab.serve.app import ServeSettings, create_app
 from r1lab.serve.background import serve_in_thread
@@ -15,17 +16,6 @@ from r1lab.serve.engine import BatchingEngine
 from r1lab.serve.prompts import ChatRenderer
 from r1lab.serve.scripted import ScriptedEngine, ScriptedTokenizer
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 REPO = Path(__file__).resolve().parents[2]
 REPLY = (
     "<think>The user asks for 17 + 25. 17 + 25 = 42. Check: 42 - 25 = 17.</think>The answer is \\boxed{42}."
