@@ -55,7 +55,8 @@ class RLSection(Section):
         description="old-policy log-probs for epochs > 1: recompute with a forward, or reuse the sampler's",
     )
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="bf16 autocast of training forwards (weights stay fp32); auto: only where bf16 is native"
+        "auto",
+        description="bf16 autocast of training forwards (weights stay fp32); auto: only where bf16 is native",
     )
 
 
