@@ -24,7 +24,7 @@ browser:
 	  else echo "chromium not found; browser tests will be skipped"; fi; }
 
 quickstart: setup
-	$(BIN)/r1lab quickstart
+	$(BIN)/r1lab quickstart recipes/quickstart.yaml
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

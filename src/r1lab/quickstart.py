@@ -60,7 +60,7 @@ class HeldOut(Section):
     problems: int = Field(200, ge=1, description="held-out problems (test split: never in pretraining or RL)")
     k: int = Field(4, ge=1, description="samples per problem; pass@1 is averaged over them")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of the evaluation")
-    max_tokens: int = Field(128, ge=1)
+    max_tokens: int = Field(96, ge=1)
 
 
 class QuickstartConfig(Section):
