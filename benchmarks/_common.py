@@ -212,6 +212,35 @@ def summarize_steps(wall: list[float], cpu: list[float], warmup: int) -> dict:
     }
 
 
+def digest(r: dict, peak: float, cpu_peak: float, warmup: int) -> dict:
+    """An RL child's figures after warm-up: s/step, tokens/s, roofline fraction (by wall and by CPU time).
+
+    `r` holds per-step `step_times`, `step_cpu_times` and `steps` (token counts), `n_params` and `profile`s.
+    """
+    if "error" in r:
+        return {"error": r["error"]}
+    out = summarize_steps(r["step_times"], r["step_cpu_times"], warmup)
+    timed = r["steps"][warmup : len(r["step_times"])]
+    wall, cpu = sum(r["step_times"][warmup:]), sum(r["step_cpu_times"][warmup:])
+    gen = sum(s["gen_tokens"] for s in timed)
+    n = r["n_params"]
+    flops = sum(step_flops(n, s["gen_tokens"], s["prefill_tokens"], s["train_tokens"]) for s in timed)
+    out.update(
+        completion_tokens_per_step=gen / len(timed),
+        completion_tokens_per_s=gen / wall,
+        achieved_gflops=flops / wall / 1e9,
+        roofline_fraction=flops / wall / peak,
+        # FLOPs per CPU-second against the matmul's FLOPs per CPU-second: the load-robust figure.
+        cpu_roofline_fraction=flops / cpu / cpu_peak,
+        peak_rss_mib=r.get("peak_rss_mib"),
+        loadavg_end=r.get("loadavg"),
+        n_params=n,
+        profile=r.get("profile"),
+        profile_cpu=r.get("profile_cpu"),
+    )
+    return out
+
+
 class Clock:
     """Marks of wall time and of this process's CPU time (all its threads); steps are between marks.
 
@@ -235,47 +264,50 @@ class Clock:
 
 
 class StepTimers:
-    """Per-step wall time of named functions, by wrapping them in place (benchmark processes only).
+    """Per-step wall and CPU time of named functions, by wrapping them in place (benchmark processes only).
 
         timers = StepTimers()
         timers.wrap(torch.Tensor, "backward", "backward")
-        timers.wrap(module, "rollout", "rollout", starts_step=True)   # each call opens a new step
-        timers.per_step(warmup=1, count=4)   # {"backward": mean seconds per timed step, ...}
+        timers.new_step()                     # at the start of each step
+        timers.per_step(warmup=1, count=4)    # {"backward": mean wall seconds per timed step, ...}
+        timers.per_step(1, 4, cpu=True)       # the same in CPU seconds (robust to a loaded machine)
 
     Wrapping monkeypatches the class or module attribute, so every caller is timed whatever path it
     takes. Nested wrapped calls overlap (a forward timed inside a timed loss counts in both): callers
-    subtract to get exclusive times.
+    subtract to get exclusive times. Calls before the first step (model setup) are not counted.
     """
 
     def __init__(self) -> None:
-        self.steps: list[dict[str, float]] = []
+        self.steps: list[dict[str, list[float]]] = []
 
     def new_step(self) -> None:
-        self.steps.append(defaultdict(float))
+        self.steps.append(defaultdict(lambda: [0.0, 0.0]))
 
-    def add(self, name: str, seconds: float) -> None:
-        if not self.steps:
-            self.new_step()
-        self.steps[-1][name] += seconds
+    def add(self, name: str, seconds: float, cpu_seconds: float = 0.0) -> None:
+        if self.steps:
+            slot = self.steps[-1][name]
+            slot[0] += seconds
+            slot[1] += cpu_seconds
 
-    def wrap(self, owner, attr: str, name: str, starts_step: bool = False) -> None:
-        """Replace `owner.attr` by a timed wrapper; `starts_step`: each call opens a new step first."""
+    def wrap(self, owner, attr: str, name: str) -> None:
+        """Replace `owner.attr` by a wrapper that adds its wall and CPU time to the current step."""
         original = getattr(owner, attr)
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
-            if starts_step:
-                self.new_step()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return original(*args, **kwargs)
             finally:
-                self.add(name, time.perf_counter() - t0)
+                self.add(name, time.perf_counter() - t0, time.process_time() - c0)
 
         setattr(owner, attr, timed)
 
-    def per_step(self, warmup: int, count: int) -> dict[str, float]:
+    def per_step(self, warmup: int, count: int, cpu: bool = False) -> dict[str, float]:
         """Mean seconds per step of each name over `count` steps after `warmup` (absent counts as 0)."""
         timed = self.steps[warmup : warmup + count]
         names = sorted({k for s in timed for k in s})
-        return {k: statistics.fmean(s.get(k, 0.0) for s in timed) for k in names} if timed else {}
+        i = 1 if cpu else 0
+        return (
+            {k: statistics.fmean(s[k][i] if k in s else 0.0 for s in timed) for k in names} if timed else {}
+        )

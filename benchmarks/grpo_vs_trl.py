@@ -2,32 +2,25 @@
 
     .venv/bin/python benchmarks/grpo_vs_trl.py            # full run (~15 min on a quiet 2-core CPU)
     .venv/bin/python benchmarks/grpo_vs_trl.py --quick    # a few steps, 4M model, short learning run
-    .venv/bin/python benchmarks/grpo_vs_trl.py --no-learn --sizes qwen2-34m --steps 5
+    .venv/bin/python benchmarks/grpo_vs_trl.py --no-learn --sizes qwen2-34m --steps 5 --threads 1
 
 TRL is a benchmark-only dependency: `pip install trl datasets` into the venv.
 
-Speed. For each size (qwen2-4m: 256 x 4 layers; qwen2-34m: 512 x 8, char tokenizer, the same random
-weights for both systems) and each dtype (fp32; bf16 = bf16 autocast for training and bf16 for
-rollouts), each system runs `--warmup` + `--steps` GRPO steps in a child process of its own: 8
-prompts of the built-in arithmetic task x G=8 completions, at most 64 completion tokens, temperature
-1, exact-answer reward through `r1lab.rewards.grade`, no KL, one optimiser step per batch (AdamW,
-constant lr, clip 1.0, token-mean loss = TRL's `dapo`). TRL runs in its fastest CPU setting we found:
-`use_cpu=True`, no vLLM, no gradient checkpointing (TRL's default is on), the whole batch as one
-micro-batch, no old-policy forward (`num_iterations=1`), no reference model (`beta=0`). Per system we
-report the better dtype: seconds/step after warm-up, completion tokens/s, peak RSS, and the fraction
-of the matmul roofline (2N FLOPs per generated and per prompt token, 6N per trained token, N =
-`matmul_params`, against `measure_matmul_peak` for that dtype measured at the start of this run).
-Both systems also report where their step time goes (wrapped functions: rollout, reward, forward,
-backward, optimiser).
+Speed. For each size (qwen2-4m, qwen2-34m; the same random weights for every system) and dtype,
+each system runs `--warmup` + `--steps` GRPO steps in a child process of its own: 8 arithmetic
+prompts x G=8 completions of at most 64 tokens, exact-answer reward through `r1lab.rewards.grade`, no
+KL, one AdamW step per batch, token-mean loss (TRL: `dapo`), TRL in its fastest CPU setting
+(`TRL_ARGS`). Printed per system: wall and CPU seconds per step, completion tokens/s, peak RSS, the
+fraction of the FLOP roofline (2N per generated and prompt token, 6N per trained token, against the
+matmul peak measured at the start, by wall time and per CPU-second) and where the step's CPU time
+goes. `r1lab+skip0` is r1lab with an experimental patch that skips rows of zero advantage.
 
-Learning. A qwen2-4m base is pretrained for `--pretrain-steps` on the arithmetic corpus (r1lab
-pretrain), then each system trains it for `--learn-steps` GRPO steps in fp32 with the same seed and
-the same prompts in the same order; both reward curves are printed and saved
-(`benchmarks/results/grpo_vs_trl_rewards.{json,png}`), and both final models are evaluated on the same
-held-out problems with r1lab's evaluator.
+Learning. A qwen2-4m base (`r1lab pretrain`, or `--base`) is trained `--learn-steps` GRPO steps by
+both systems with the same seed and prompts; both reward curves are printed and saved
+(`benchmarks/results/grpo_vs_trl_rewards.{json,png}`) and `r1lab eval` scores the three models.
 
-The machine may be shared: every figure carries the 1-minute load average. The last line printed is
-one JSON object with every figure (also saved as `benchmarks/results/grpo_vs_trl.json`).
+benchmarks/README.md explains every choice. The last line printed is one JSON object with every
+figure (also saved as `benchmarks/results/grpo_vs_trl.json`).
 """
 
 from __future__ import annotations
@@ -49,6 +42,7 @@ from _common import (  # noqa: E402
     TASK,
     Clock,
     StepTimers,
+    digest,
     emit,
     loadavg,
     log,
@@ -61,12 +55,12 @@ from _common import (  # noqa: E402
     prompt_lengths,
     run_child,
     run_cli,
-    step_flops,
-    summarize_steps,
 )
 
 SCRIPT = Path(__file__).resolve()
 PROMPTS, GROUP, MAX_TOKENS = 8, 8, 64
+#: r1lab+skip0: r1lab with an experimental patch (see `r1lab_worker`) that skips rows of zero advantage.
+SYSTEMS = ("r1lab", "r1lab+skip0", "trl")
 
 
 # ----------------------------------------------------------------------------- shared by the workers
@@ -88,10 +82,10 @@ def step_record(problems, plen, step: int, completion_lens: list[int], rewards: 
 # ----------------------------------------------------------------------------- workers (child processes)
 
 
-#: TRL's fastest CPU setting for this workload (see the module docstring); dtype, steps, lr, seed added per run.
+#: TRL's fastest CPU setting for this workload; dtype, steps, lr and seed are added per run. TRL's
+#: defaults already match r1lab's for the rest (clip 0.2, no top-p/top-k, fp32 unless bf16).
 TRL_ARGS = dict(
     use_cpu=True,
-    fp16=False,
     per_device_train_batch_size=PROMPTS * GROUP,  # the whole step as one micro-batch
     gradient_accumulation_steps=1,
     num_generations=GROUP,
@@ -104,19 +98,15 @@ TRL_ARGS = dict(
     max_grad_norm=1.0,
     beta=0.0,  # no KL: no reference model
     num_iterations=1,  # on-policy: no old-policy forward
-    epsilon=0.2,
     loss_type="dapo",  # = r1lab's token-mean
     scale_rewards="group",
     temperature=1.0,
-    top_p=1.0,
-    top_k=0,
     gradient_checkpointing=False,  # TRL turns it on by default: a second forward per step
     shuffle_dataset=False,  # the prompts come in r1lab's order
     logging_steps=10**6,
     report_to="none",
     save_strategy="no",
     disable_tqdm=True,
-    dataloader_num_workers=0,
 )
 #: TRL's own profiled sections, under the names both systems' profiles use.
 TRL_SECTIONS = {
@@ -140,14 +130,17 @@ def worker_result(spec, clock: Clock, timers: StepTimers, steps: list[dict], mod
     from r1lab.modeling import matmul_params
 
     wall, cpu = clock.durations()
-    profile = timers.per_step(spec["warmup"], spec["steps"])
-    profile["other"] = sum(wall[spec["warmup"] :]) / max(1, spec["steps"]) - sum(profile.values())
+    w, n = spec["warmup"], max(1, spec["steps"])
+    profile, profile_cpu = timers.per_step(w, n), timers.per_step(w, n, cpu=True)
+    profile["other"] = sum(wall[w:]) / n - sum(profile.values())
+    profile_cpu["other"] = sum(cpu[w:]) / n - sum(profile_cpu.values())
     return {
         "step_times": wall,
         "step_cpu_times": cpu,
         "steps": steps,
         "n_params": matmul_params(model),
         "profile": profile,
+        "profile_cpu": profile_cpu,
     }
 
 
@@ -176,8 +169,15 @@ def trl_worker(spec: dict) -> dict:
 
     timers, clock = StepTimers(), Clock()
     # TRL times its own sections with ProfilingContext (for wandb and the like): collect them instead.
+    enter = profiling.ProfilingContext.__enter__
+    profiling.ProfilingContext.__enter__ = lambda self: (
+        setattr(self, "c0", time.process_time()),
+        enter(self),
+    )[1]
     profiling.ProfilingContext._log_metrics = lambda self, d: (
-        timers.add(TRL_SECTIONS[self.name], d) if self.name in TRL_SECTIONS else None
+        timers.add(TRL_SECTIONS[self.name], d, time.process_time() - self.c0)
+        if self.name in TRL_SECTIONS
+        else None
     )
     time_training_parts(timers)
 
@@ -219,20 +219,10 @@ def r1lab_worker(spec: dict) -> dict:
     rl = {"steps": n_steps, "prompts_per_step": PROMPTS, "group_size": GROUP, "lr": spec["lr"]}
     rl.update(betas=[0.9, 0.99], max_grad_norm=1.0, loss_agg="token-mean", kl_coef=0.0)
     rl.update(precision="bf16" if spec["dtype"] == "bfloat16" else "fp32")
-    cfg = GRPOConfig.model_validate(
-        {
-            "model": spec["model"],
-            "run_dir": run_dir,
-            "seed": spec["seed"],
-            "threads": spec["threads"],
-            "task": spec.get("task", TASK),
-            "sampling": {"temperature": 1.0, "top_p": 1.0, "max_tokens": MAX_TOKENS},
-            "rl": {**rl, **spec.get("rl_extra", {})},
-            "engine_dtype": spec["dtype"],
-            "samples_every": 0,
-            "progress": False,
-        }
-    )
+    cfg = {"model": spec["model"], "run_dir": run_dir, "seed": spec["seed"], "threads": spec["threads"]}
+    cfg.update(task=spec.get("task", TASK), engine_dtype=spec["dtype"], samples_every=0, progress=False)
+    cfg.update(sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": MAX_TOKENS})
+    cfg = GRPOConfig.model_validate({**cfg, "rl": {**rl, **spec.get("rl_extra", {})}})
     timers, clock = StepTimers(), Clock()
     timers.wrap(CPUEngine, "sync_weights", "sync_weights")
     timers.wrap(CPUEngine, "generate", "generate")
@@ -245,18 +235,29 @@ def r1lab_worker(spec: dict) -> dict:
     grpo.sample_groups = lambda *a, **k: (clock.marks or clock.mark(), timers.new_step(), sample(*a, **k))[2]
     RunDir.log = lambda self, stats: (log_step(self, stats), clock.mark())[0]
     grpo.held_out = lambda *a, **k: {}  # the end-of-run evaluation is `r1lab eval`'s job here
+    if spec.get("skip_zero_advantage"):
+        # Experiment (not in r1lab yet): without KL, a row of zero advantage adds exactly zero to the
+        # gradient (the token-mean denominator is taken over the whole minibatch before bucketing), so
+        # its forward and backward can be skipped. A step with no row left then leaves grads None and
+        # AdamW skips its momentum update: exact only while no earlier step had a gradient (true for
+        # the random-weight speed runs); a real patch would zero the grads instead.
+        buckets, trained = grpo.micro_batches, []  # tokens really trained, per step (for the FLOPs)
+
+        def nonzero_rows(rows, budget):
+            kept = [r for r in rows if r.advantage != 0.0]
+            trained.append(sum(len(r.ids) for r in kept))
+            return buckets(kept, budget)
+
+        grpo.micro_batches = nonzero_rows
     grpo.train(cfg)
     model, tok = load_model(spec["model"])
     problems = problems_in_order(spec["seed"], n_steps * PROMPTS, spec.get("task", TASK))
     plen = prompt_lengths(problems, tok)
-    steps = []
-    for i, r in enumerate(RunDir(run_dir).read_metrics()):
-        steps.append(
-            {
-                **step_record(problems, plen, i, [r["tokens"]], [r["reward"]]),
-                "train_tokens": r["trained_tokens"],
-            }
-        )
+    steps = [
+        step_record(problems, plen, i, [r["tokens"]], [r["reward"]])
+        | {"train_tokens": trained[i] if spec.get("skip_zero_advantage") else r["trained_tokens"]}
+        for i, r in enumerate(RunDir(run_dir).read_metrics())
+    ]
     out = worker_result(spec, clock, timers, steps, model)
     return {**out, "final_checkpoint": str(RunDir(run_dir).latest_checkpoint())}
 
@@ -272,31 +273,6 @@ def worker_main(spec: dict) -> None:
 # ----------------------------------------------------------------------------- the parent: speed
 
 
-def digest(r: dict, peak: float, cpu_peak: float, warmup: int) -> dict:
-    """One child's figures after warm-up: s/step, tokens/s, roofline fraction (by wall and by CPU time)."""
-    if "error" in r:
-        return {"error": r["error"]}
-    out = summarize_steps(r["step_times"], r["step_cpu_times"], warmup)
-    timed = r["steps"][warmup : len(r["step_times"])]
-    wall, cpu = sum(r["step_times"][warmup:]), sum(r["step_cpu_times"][warmup:])
-    gen = sum(s["gen_tokens"] for s in timed)
-    n = r["n_params"]
-    flops = sum(step_flops(n, s["gen_tokens"], s["prefill_tokens"], s["train_tokens"]) for s in timed)
-    out.update(
-        completion_tokens_per_step=gen / len(timed),
-        completion_tokens_per_s=gen / wall,
-        achieved_gflops=flops / wall / 1e9,
-        roofline_fraction=flops / wall / peak,
-        # FLOPs per CPU-second against the matmul's FLOPs per CPU-second: the load-robust figure.
-        cpu_roofline_fraction=flops / cpu / cpu_peak,
-        peak_rss_mib=r.get("peak_rss_mib"),
-        loadavg_end=r.get("loadavg"),
-        n_params=n,
-        profile=r.get("profile"),
-    )
-    return out
-
-
 def best_of(per: dict, system: str, key: str = "s_per_step") -> tuple[str | None, dict | None]:
     ok = {k: v for k, v in per.items() if k.startswith(system + "/") and v.get(key)}
     if not ok:
@@ -305,11 +281,11 @@ def best_of(per: dict, system: str, key: str = "s_per_step") -> tuple[str | None
     return best, ok[best]
 
 
-def ratios(per: dict) -> dict:
-    """TRL's best over r1lab's best, by wall time and by CPU time (each system's better dtype)."""
+def ratios(per: dict, system: str = "r1lab") -> dict:
+    """TRL's best over `system`'s best, by wall time and by CPU time (each system's better dtype)."""
     out = {}
     for key in ("s_per_step", "cpu_s_per_step"):
-        (_, r1), (_, trl) = best_of(per, "r1lab", key), best_of(per, "trl", key)
+        (_, r1), (_, trl) = best_of(per, system, key), best_of(per, "trl", key)
         out[key] = trl[key] / r1[key] if r1 and trl else None
     return out
 
@@ -327,16 +303,17 @@ def print_size(size: str, per: dict, ratio: dict) -> None:
             f"{d['completion_tokens_per_s']:6.0f} {d['achieved_gflops']:7.2f} {d['roofline_fraction']:6.1%} "
             f"{d['cpu_roofline_fraction']:8.1%} {d['peak_rss_mib']:7.0f}  {d['loadavg_end'][0]:.1f}"
         )
-    for system in ("r1lab", "trl"):
-        key, d = best_of(per, system)
-        if d and d.get("profile"):
-            parts = ", ".join(f"{k} {v / d['s_per_step']:.0%}" for k, v in d["profile"].items() if v > 0.005)
-            print(f"  where {key}'s step goes (share of wall time): {parts}")
-    if ratio["s_per_step"]:
-        print(
-            f"  => TRL best / r1lab best: {ratio['s_per_step']:.2f}x by wall time, "
-            f"{ratio['cpu_s_per_step']:.2f}x by CPU time"
-        )
+    for key, d in (best_of(per, system) for system in SYSTEMS):
+        prof = (d or {}).get("profile_cpu") or {}
+        parts = ", ".join(f"{k} {v / d['cpu_s_per_step']:.0%}" for k, v in prof.items() if v > 0.005)
+        if parts:
+            print(f"  where {key}'s step goes (share of CPU time): {parts}")
+    for system, r in ratio.items():
+        if r["s_per_step"]:
+            print(
+                f"  => TRL best / {system} best: {r['s_per_step']:.2f}x by wall time, "
+                f"{r['cpu_s_per_step']:.2f}x by CPU time"
+            )
 
 
 def speed(args, peaks: dict, cpu_peaks: dict, tmp: Path) -> dict:
@@ -349,13 +326,16 @@ def speed(args, peaks: dict, cpu_peaks: dict, tmp: Path) -> dict:
         save_checkpoint(build_model(size, tok, seed=args.seed), tok, model_dir)
         per = {}
         for dtype in args.dtypes:
-            for system in ("r1lab", "trl"):  # alternated, so slow drifts of the load hit both alike
+            for system in SYSTEMS:  # alternated, so slow drifts of the load hit all alike
                 log(f"speed: {size} {system} {dtype}")
-                spec = {"kind": system, "model": str(model_dir), "dtype": dtype, "steps": args.steps}
-                spec.update(warmup=args.warmup, seed=args.seed, lr=1e-4, threads=args.threads)
+                spec = {"kind": system.split("+")[0], "model": str(model_dir), "dtype": dtype}
+                spec.update(
+                    steps=args.steps, warmup=args.warmup, seed=args.seed, lr=1e-4, threads=args.threads
+                )
+                spec.update(skip_zero_advantage=system.endswith("+skip0"))
                 r = run_child(SCRIPT, spec, args.timeout)
                 per[f"{system}/{dtype}"] = digest(r, peaks[dtype], cpu_peaks[dtype], args.warmup)
-        ratio = ratios(per)
+        ratio = {system: ratios(per, system) for system in SYSTEMS[:-1]}
         print_size(size, per, ratio)
         results[size] = {"configs": per, "trl_over_r1lab": ratio}
     return results
@@ -366,24 +346,21 @@ def speed(args, peaks: dict, cpu_peaks: dict, tmp: Path) -> dict:
 
 def learning(args, tmp: Path) -> dict:
     """Pretrain a base with `r1lab pretrain`, GRPO it with both systems, evaluate all three with `r1lab eval`."""
-    task = {**TASK, "options": {"digits": args.learn_digits}}
-    flow = f"{{name: arithmetic, options: {{digits: {args.learn_digits}}}"  # the task as a YAML override
-    log(f"learning: `r1lab pretrain` of a qwen2-4m base, {args.pretrain_steps} steps")
+    # sums of 1- to N-digit operands: the short ones give a fresh base some reward to start from
+    task = {**TASK, "options": {"digits": args.learn_digits, "min_digits": 1}}
+    flow = f"{{name: arithmetic, options: {{digits: {args.learn_digits}, min_digits: 1}}"  # as YAML
     base, n = tmp / "base", args.pretrain_steps
-    pre = run_cli(
-        ["pretrain", "recipes/pretrain-arithmetic.yaml", "preset=qwen2-4m", f"out={base}", "progress=false"]
-        + [
-            f"threads={args.threads}",
-            f"train.steps={n}",
-            "train.batch_size=32",
-            f"train.warmup_steps={n // 10}",
-        ]
-        + [f"corpus.problems={32 * n}", f"task={flow}, split: train}}"],
-        args.timeout,
-    )
-    if "error" in pre:
-        return {"error": f"pretraining: {pre['error']}"}
-    runs, finals = {}, {"base": str(base / "model")}
+    if args.base:
+        n = None
+    else:
+        log(f"learning: `r1lab pretrain` of a qwen2-4m base, {n} steps")
+        argv = ["pretrain", "recipes/pretrain-arithmetic.yaml", "preset=qwen2-4m", f"out={base}"]
+        argv += [f"threads={args.threads}", f"train.steps={n}", "train.batch_size=32", "progress=false"]
+        argv += [f"train.warmup_steps={n // 10}", f"corpus.problems={32 * n}", f"task={flow}, split: train}}"]
+        pre = run_cli(argv, args.timeout)
+        if "error" in pre:
+            return {"error": f"pretraining: {pre['error']}"}
+    runs, finals = {}, {"base": args.base or str(base / "model")}
     for system in ("r1lab", "trl"):
         log(f"learning: {system}, {args.learn_steps} GRPO steps from the base")
         spec = {"kind": system, "model": finals["base"], "dtype": "float32", "steps": args.learn_steps}
@@ -416,22 +393,14 @@ def learning(args, tmp: Path) -> dict:
     return out
 
 
-def window_mean(xs: list[float], k: int) -> float | None:
-    return statistics.fmean(xs[-k:]) if xs else None
-
-
 def print_learning(out: dict) -> None:
     print(f"\nlearning: qwen2-4m base, {out['steps']} GRPO steps, lr {out['lr']}, same seed and prompts")
     for system, run in out["curves"].items():
-        if "error" in run:
-            print(f"  {system:6} error: {run['error']}")
-            continue
-        k = max(1, len(run["rewards"]) // 4)
-        curve = " ".join(f"{x:.2f}" for x in run["rewards"])
-        print(f"  {system:6} reward per step: {curve}")
-        print(
-            f"  {system:6} first {k} steps {window_mean(run['rewards'][:k], k):.3f} -> last {k} {window_mean(run['rewards'], k):.3f}"
-        )
+        xs = run.get("rewards") or [float("nan")]
+        k = max(1, len(xs) // 4)  # mean of the first and last quarter: single steps are noisy
+        first, last = statistics.fmean(xs[:k]), statistics.fmean(xs[-k:])
+        print(f"  {system:6} {run.get('error') or ' '.join(f'{x:.2f}' for x in xs)}")
+        print(f"  {system:6} mean reward, first {k} steps {first:.3f} -> last {k} {last:.3f}")
     for name, acc in out["held_out_pass_at_1"].items():
         print(f"  held-out greedy pass@1 {name:6} {'-' if acc is None else f'{acc:.3f}'}")
 
@@ -456,7 +425,8 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--learn-steps", type=int, default=20)
     p.add_argument("--learn-lr", type=float, default=2e-4)
-    p.add_argument("--learn-digits", type=int, default=2, help="operand digits of the learning task")
+    p.add_argument("--learn-digits", type=int, default=2, help="operands of 1 to this many digits")
+    p.add_argument("--base", help="a pretrained base checkpoint for the learning run (skips pretraining)")
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     args = p.parse_args(argv)

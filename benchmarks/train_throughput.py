@@ -129,6 +129,7 @@ def worker(spec: dict) -> dict:
         "micro_batches": len(batches),
         "n_params": matmul_params(model),
         "profile": timers.per_step(spec["warmup"], spec["iters"]),
+        "profile_cpu": timers.per_step(spec["warmup"], spec["iters"], cpu=True),
     }
 
 
@@ -180,6 +181,7 @@ def digest(spec: dict, r: dict, peak: float, cpu_peak: float) -> dict:
         peak_rss_mib=r["peak_rss_mib"],
         loadavg=r["loadavg"],
         profile=r["profile"],
+        profile_cpu=r["profile_cpu"],
     )
     print(
         f"{spec['size']:10} {spec['dtype']:9} {spec['path']:10} {spec['rows']:4d} {spec['micro_batch_tokens']:6d} "
