@@ -29,8 +29,10 @@ class Completion:
     prompt_index: int
     text: str
     token_ids: list[int]
-    logprobs: list[float]  # log-prob of each completion token under the sampling policy (before temperature/top-p)
-    finish_reason: Literal["stop", "length"]
+    # log-prob of each completion token under the sampling policy (before temperature/top-p)
+    logprobs: list[float]
+    # "error": an HTTP engine never delivered this sample (counted, never graded)
+    finish_reason: Literal["stop", "length", "error"]
     prompt_token_ids: list[int] = field(default_factory=list)
     reasoning_content: str | None = None  # set by engines whose server splits reasoning (DeepSeek API)
 
