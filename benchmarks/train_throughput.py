@@ -1,23 +1,26 @@
 """r1lab's GRPO training throughput (forward + backward + optimiser) against this machine's matmul peak.
 
-    .venv/bin/python benchmarks/train_throughput.py            # both sizes, fp32 and bf16, 64 and 256 rows
-    .venv/bin/python benchmarks/train_throughput.py --quick    # qwen2-4m, fp32, 64 rows, 2 timed updates
+    .venv/bin/python benchmarks/train_throughput.py                 # both sizes, fp32 (+ bf16 if native)
+    .venv/bin/python benchmarks/train_throughput.py --quick         # qwen2-4m, fp32, 2 timed updates
+    .venv/bin/python benchmarks/train_throughput.py --dtypes float32,bfloat16 --rows 64,256 --threads 1
 
 What is timed is the trainer's own update, `r1lab.rl.grpo.policy_update`: the rollouts of one GRPO
 step (rows of prompt + completion tokens with an advantage each) are bucketed by length into
-micro-batches of at most `micro_batch_tokens` padded tokens, and each micro-batch goes through the
-forward pass, per-token log-probs, the clipped GRPO loss and the backward pass; then gradient
-clipping and one AdamW step. The rows imitate a GRPO step on the arithmetic task at 64 completion
-tokens: chat-template prompts of the built-in task and completion lengths drawn uniformly from 8 to 64.
+micro-batches of at most `micro_batch_tokens` padded tokens (each value of `--micro-batch-tokens`;
+16384 is r1lab's default), and each micro-batch goes through the forward pass, per-token log-probs,
+the clipped GRPO loss and the backward pass; then gradient clipping and one AdamW step. The rows
+imitate a GRPO step on the arithmetic task: its chat-template prompts and completion lengths drawn
+uniformly from 8 to 64 tokens.
 
 For contrast, `model-only` times the same model on the same padded batches with a plain next-token
 cross-entropy (HF forward + loss + backward + AdamW, nothing of r1lab): the gap between the two
 rows is what r1lab's loss path costs; the gap between `model-only` and 100% is the model's own.
 
-Throughput = trained tokens per second (real tokens, padding not counted); FLOPs = 6N per trained
-token (N = `matmul_params`), compared with `measure_matmul_peak` for the dtype (bf16 = autocast).
-Each configuration runs in a child process of its own. The last line printed is one JSON object
-(also saved as `benchmarks/results/train_throughput.json`).
+Throughput = trained tokens per second (real tokens; `w/ pad` counts the padded tokens the kernels
+ran); FLOPs = 6N per trained token (N = `matmul_params`) against `measure_matmul_peak` for the dtype
+(bf16 = autocast), and per CPU-second against the matmul's FLOPs per CPU-second (`per cpu`: the
+figure to read on a shared machine, with `--threads 1`). Each configuration runs in a child process
+of its own. The last line printed is one JSON object (also `benchmarks/results/train_throughput.json`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from _common import (  # noqa: E402
     measure_cpu_peaks,
     measure_peaks,
     peak_rss_mib,
+    pick_dtypes,
     problems_in_order,
     run_child,
 )
@@ -134,13 +138,16 @@ def worker(spec: dict) -> dict:
 
 
 def run_all(args) -> dict:
-    peaks = measure_peaks(args.dtypes, args.threads, seconds=3.0)
-    cpu_peaks = measure_cpu_peaks(args.dtypes, args.threads, seconds=2.0)
+    peaks = measure_peaks(["float32", "bfloat16"], args.threads, seconds=3.0)
+    cpu_peaks = measure_cpu_peaks(["float32", "bfloat16"], args.threads, seconds=2.0)
+    args.dtypes, skipped = pick_dtypes(args.dtypes, peaks)
     print(
         f"load average {loadavg()}; matmul peak "
         + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())
     )
     print("per CPU-second: " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP" for d, v in cpu_peaks.items()))
+    if skipped:
+        print(skipped)
     print(
         f"{'size':10} {'dtype':9} {'path':10} {'rows':>4} {'mb tok':>6} {'pad%':>4} {'s/upd':>6} {'cpu s':>6} {'tok/s':>6} "
         f"{'GFLOP/s':>7} {'of peak':>7} {'w/ pad':>6} {'per cpu':>7}  load"
@@ -198,8 +205,8 @@ def main(argv=None) -> int:
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--sizes", default="qwen2-4m,qwen2-34m")
-    p.add_argument("--dtypes", default="float32,bfloat16")
-    p.add_argument("--rows", default="64,256", help="rollouts per update (8 prompts x 8 = 64)")
+    p.add_argument("--dtypes", default="auto", help="auto: float32, and bfloat16 where its matmuls are fast")
+    p.add_argument("--rows", default="64", help="rollouts per update, e.g. 64,256 (8 prompts x 8 = 64)")
     p.add_argument("--iters", type=int, default=3, help="timed updates per configuration")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
@@ -217,7 +224,7 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.sizes, args.dtypes, args.rows, args.iters = "qwen2-4m", "float32", "64", 2
-    args.sizes, args.dtypes = args.sizes.split(","), args.dtypes.split(",")
+    args.sizes = args.sizes.split(",")
     args.rows = [int(x) for x in args.rows.split(",")]
     args.micro_batch_tokens = [int(x) for x in args.micro_batch_tokens.split(",")]
     t0, load_start = time.perf_counter(), loadavg()
