@@ -1,6 +1,6 @@
 """Tokens per second of r1lab's CPU engine against Hugging Face `generate`, plus the speed levers.
 
-Same model, same 64 chat prompts (ragged: 10-30 tokens), 64 new tokens each, sampling at T=1 with no
+Same model, same 64 chat prompts (ragged: 20-32 tokens), 64 new tokens each, sampling at T=1 with no
 top-k/top-p, and no early stop (r1lab: no EOS ids; HF: min_new_tokens), so both produce exactly
 batch x 64 tokens. Models are the tiny presets of `r1lab.modeling` with the character tokenizer:
 qwen2-4m (d256 x 4, GQA 4/2) and qwen2-34m (d512 x 8, GQA 8/2), in fp32 and bf16.
@@ -10,17 +10,25 @@ wall time mostly measures the neighbours; with one thread, CPU time is the work 
 so `cpu_tok_s` is the figure to compare. Runs of r1lab and HF are interleaved and the best of
 `--reps` is kept for each, so both see the same background load. The load average is printed.
 
-Ablations (fp32, the levers kept or dropped in the engine, each measured here):
-  pack        oneDNN-packed fp32 weights vs F.linear (MKL)                      -> kept (default)
-  attention   decode attention as two batched matmuls vs F.sdpa(enable_gqa)      -> matmuls kept
-  grad_mode   torch.inference_mode vs torch.no_grad around decoding             -> inference_mode
-  threads     torch.set_num_threads(1) vs os.cpu_count() (wall clock)            -> not set by the engine
-  compaction  early EOS: finished rows leave the batch; time vs decoding the full batch every step
-  batch       r1lab tokens/s at batch 16, 64, 128, 256
-  compile     torch.compile(decode_step, dynamic=True): only with --compile (minutes of compiling)
+A GRPO-shaped call (section `rl`): 16 prompts x 8 samples with early stops, r1lab vs HF generate
+(num_return_sequences=8), counting real completion tokens.
 
-    .venv/bin/python benchmarks/rollout_vs_hf.py                    # everything (~10 min on 2 cores)
-    .venv/bin/python benchmarks/rollout_vs_hf.py --presets qwen2-4m --dtypes float32 --no-ablations
+Ablations (fp32; what each lever measured on the 2-core AVX2 box, qwen2-4m / qwen2-34m, CPU tok/s):
+  pack        oneDNN-packed fp32 weights vs F.linear (MKL): 2174 vs 2027 / 401 vs 330   -> kept
+  attention   decode attention as two batched matmuls vs F.sdpa(enable_gqa): 2332 vs 2387 /
+              405 vs 411, equal within noise                                          -> matmuls kept
+  grad_mode   decode_step under inference_mode vs no_grad: 2899 vs 3020 / 537 vs 559,
+              equal within noise                                                      -> inference_mode
+  threads     1 vs os.cpu_count() threads, wall tok/s on the shared box: 491 vs 77 / 191 vs 56
+              -> the engine does not call set_num_threads; callers choose
+  compaction  early stops: finished rows leave the batch vs decoding all rows to the longest:
+              1.00 vs 1.55 s / 5.85 vs 8.73 s                                        -> kept
+  batch       r1lab tok/s at batch 16, 64, 128, 256: 916, 2054, 2150, 2413 / 276, 431, 479, 538
+  compile     torch.compile(decode_step, dynamic=True), only with --compile: 110 CPU-s to compile,
+              then 847 vs 2823 tok/s eager (qwen2-4m)                                 -> dropped
+
+    .venv/bin/python benchmarks/rollout_vs_hf.py                    # everything (~1 h on a busy 2-core box)
+    .venv/bin/python benchmarks/rollout_vs_hf.py --presets qwen2-4m --dtypes float32 --sections head
 
 The last line is one JSON object with every figure.
 """
@@ -249,6 +257,43 @@ def compile_ablation(engine, prompts, args) -> dict:
     }
 
 
+def rl_shape(preset, tok, args) -> dict:
+    """A GRPO-shaped call: 16 prompts x 8 samples, rows ending at different lengths.
+
+    Twenty ids stand in for EOS so the random model stops after ~13 tokens on average (at most
+    --new-tokens). HF generate expands each prompt 8 times (prefill 8x) and decodes every row until
+    the longest is done; r1lab prefills each prompt once and drops finished rows. Rates count real
+    completion tokens (up to and including the first stop id).
+    """
+    model = build_model(preset, tok, seed=0).eval()
+    prompts, n, stops = make_prompts(16, seed=1), 8, list(range(40, 60))
+    engine = CPUEngine(model, tok)
+    engine.eos_ids = frozenset(stops)
+    batch = hf_batch(tok, prompts)
+    ours, theirs = [], []
+    for rep in range(args.reps):
+        params = SamplingParams(temperature=1.0, max_tokens=args.new_tokens, seed=rep)
+        res = {}
+        w, c = clocks(lambda res=res, params=params: res.update(outs=engine.generate(prompts, n, params)))
+        ours.append((sum(len(o.token_ids) for o in res["outs"]), w, c))
+
+        def hf(res=res):
+            with torch.inference_mode():
+                res["hf"] = model.generate(
+                    **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
+                    max_new_tokens=args.new_tokens, eos_token_id=stops, pad_token_id=0,
+                )  # fmt: skip
+
+        w, c = clocks(hf)
+        made = 0
+        for row in res["hf"][:, batch["input_ids"].shape[1] :].tolist():
+            ends = [i for i, t in enumerate(row) if t in stops]
+            made += ends[0] + 1 if ends else len(row)
+        theirs.append((made, w, c))
+    a, b = best_rate(ours), best_rate(theirs)
+    return {"r1lab": a, "hf": b, "speedup_cpu": round(a["cpu_tok_s"] / b["cpu_tok_s"], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--presets", default="qwen2-4m,qwen2-34m")
@@ -259,7 +304,7 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads for the head-to-head (1: CPU time is exact)"
     )
-    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--sections", default="head,rl,ablations", help="which parts to run: head, rl, ablations")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of decode_step (slow)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -271,7 +316,8 @@ def main() -> None:
         "results": {},
     }
     report["loadavg_start"] = os.getloadavg()[0]
-    for preset in args.presets.split(","):
+    sections = set(args.sections.split(","))
+    for preset in args.presets.split(",") if "head" in sections else []:
         for dtype in args.dtypes.split(","):
             r = head_to_head(preset, dtype, tok, args)
             report["results"][f"{preset}/{dtype}"] = r
@@ -281,7 +327,11 @@ def main() -> None:
                 f"  speedup {r['speedup_cpu']:.2f}x cpu, {r['speedup_wall']:.2f}x wall",
                 flush=True,
             )
-    if not args.no_ablations:
+    if "rl" in sections:
+        preset = args.presets.split(",")[0]
+        r = report["rl_shape"] = {preset: rl_shape(preset, tok, args)}
+        print(f"{preset:10s} rl-shaped (16 prompts x 8, early stops) {r[preset]}", flush=True)
+    if "ablations" in sections:
         report["ablations"] = {}
         for preset in args.presets.split(","):
             a = ablations(preset, tok, args)
