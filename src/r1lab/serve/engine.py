@@ -290,12 +290,12 @@ class BatchingEngine:
         for job in cancels:
             if job.done:  # it finished while the cancel was on its way
                 continue
+            self.metrics.count("aborted")
             for seq in job.seqs:
                 if seq.key in self._running:
                     self._finish(seq, "abort", abort=True)
                 elif not seq.done:
                     self._emit(seq, SeqEvent(seq.index, "", None, True, "abort"))
-            self.metrics.count("aborted")
         for seq in admit:
             try:
                 self.engine.add_request(seq.key, seq.prompt_ids, seq.params)
@@ -343,6 +343,6 @@ class BatchingEngine:
         late = {id(s.job): s.job for s in late_waiting}
         late.update({id(s.job): s.job for s in self._running.values() if s.job.deadline < now})
         for job in late.values():
+            self.metrics.count("timeouts")  # before the client can see the end of its request
             for seq in job.seqs:
                 self._finish(seq, "timeout", abort=True)
-            self.metrics.count("timeouts")
