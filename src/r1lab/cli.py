@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "distill": ("r1lab.sft.distill_commands", "sample verified teacher traces, then SFT a student on them"),
     "pipeline": (
-        "r1lab.sft.pipeline_commands",
+        "r1lab.pipeline.commands",
         "the four-stage R1 recipe: cold-start SFT, RL, rejection-sampling SFT, RL",
     ),
     "eval": (

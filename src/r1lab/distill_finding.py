@@ -86,9 +86,9 @@ def distill_arm(cfg, f: DistillFindingConfig, out: Path, teacher: Path, student:
     """Rejection-sample the teacher, fine-tune the student on the kept traces; returns times and the model."""
     import shutil
 
+    from r1lab.pipeline.stages import sample_stage, train_sft
     from r1lab.quickstart import task_spec
     from r1lab.sft.config import SampleConfig, SFTConfig, TeacherSpec
-    from r1lab.sft.pipeline import sample_stage, train_sft
 
     traces = out / "traces.jsonl"
     traces.unlink(missing_ok=True)
@@ -142,8 +142,8 @@ def rl_arm(cfg, f: DistillFindingConfig, out: Path, student: Path, budget_s: flo
     """GRPO on the student with the quickstart's settings for `budget_s` seconds."""
     import shutil
 
+    from r1lab.pipeline.stages import train_rl
     from r1lab.quickstart import task_spec
-    from r1lab.sft.pipeline import train_rl
 
     run_dir = out / "student_rl"
     shutil.rmtree(run_dir, ignore_errors=True)

@@ -13,8 +13,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from r1lab.config import load_config
-from r1lab.sft.pipeline import STAGE_DIRS, PipelineConfig
-from r1lab.sft.pipeline_commands import run_pipeline
+from r1lab.pipeline.commands import run_pipeline
+from r1lab.pipeline.stages import STAGE_DIRS, PipelineConfig
 
 pytestmark = pytest.mark.slow
 

@@ -48,7 +48,7 @@ def config_class(stage: str) -> type[BaseModel] | None:
     wanted = stage.replace("-", "").replace("_", "").lower() + "config"
     for name in (command_module.rpartition(".")[0] + ".config", command_module):
         module = import_or_none(name)
-        for attr, obj in vars(module or object()).items():
+        for attr, obj in (vars(module) if module else {}).items():
             if isinstance(obj, type) and issubclass(obj, BaseModel) and attr.lower() == wanted:
                 return obj
     return None

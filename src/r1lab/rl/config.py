@@ -29,7 +29,15 @@ class RLSection(Section):
         1, ge=1, description="optimiser steps per pass (the batch is split into this many)"
     )
     micro_batch_tokens: int = Field(
-        16384, ge=64, description="padded tokens per forward/backward (gradient accumulation)"
+        2048,
+        ge=64,
+        description="padded tokens per forward/backward (gradient accumulation); 2048 was fastest on a "
+        "2-core CPU (benchmarks/train_throughput.py), GPU recipes use 32768",
+    )
+    skip_zero_advantage: bool = Field(
+        True,
+        description="leave rows whose advantage is 0 out of the forward/backward when kl_coef is 0 (exact: "
+        "they add nothing to the gradient; denominators still count them and AdamW still steps)",
     )
     scale_rewards: bool = Field(
         True, description="divide advantages by the group's std (GRPO); false = Dr. GRPO"

@@ -135,8 +135,9 @@ def policy_update(
     bf16 = use_bf16(rl.precision)
     dev = next(model.parameters()).device
     if rl.epochs > 1 and rl.old_logp == "recompute":
+        live = [r for r in rows if not skippable(r, rl, ref_model)]
         for r, lp in zip(
-            rows, completion_logps(model, rows, pad_id, rl.micro_batch_tokens, bf16), strict=True
+            live, completion_logps(model, live, pad_id, rl.micro_batch_tokens, bf16), strict=True
         ):
             r.old_logp = lp
     elif rl.epochs > 1:
@@ -157,8 +158,9 @@ def policy_update(
         size = -(-len(order) // rl.minibatches)
         for start in range(0, len(order), size):
             minibatch = order[start : start + size]
-            total_tokens = float(sum(len(r.ids) - r.prompt_len for r in minibatch))
-            for mb in micro_batches(minibatch, rl.micro_batch_tokens):
+            total_tokens = float(sum(len(r.ids) - r.prompt_len for r in minibatch))  # before any skip
+            trained = [r for r in minibatch if not skippable(r, rl, ref_model)]
+            for mb in micro_batches(trained, rl.micro_batch_tokens):
                 ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
                 adv = torch.tensor([r.advantage for r in mb], device=dev)  # [b]
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -183,6 +185,8 @@ def policy_update(
                 sums["entropy"] += masked_mean(entropy.detach().float(), mask) * n_tok
                 sums["clip_frac"] += masked_mean(clipped.float(), mask) * n_tok
                 sums["tokens"] += n_tok
+            if len(trained) < len(minibatch):
+                zero_missing_grads(model)  # AdamW must step as if the skipped rows had run
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -190,14 +194,38 @@ def policy_update(
             sums["grad_norm"] += float(grad_norm)
             n_opt += 1
     tok = max(sums["tokens"], 1.0)
+    sampled = [lp for r in rows for lp in r.sampler_logp]
     return {
         "loss": sums["loss"] / n_opt,
-        "entropy": sums["entropy"] / tok,
+        # exact entropy over the rows that ran (None when all were skipped); entropy_sampled is the
+        # Monte Carlo estimate -mean log p(sampled token) over every row, free from the rollout
+        "entropy": sums["entropy"] / tok if sums["tokens"] else None,
+        "entropy_sampled": -sum(sampled) / max(len(sampled), 1),
         "kl": sums["kl"] / tok if ref_model is not None else 0.0,
         "clip_frac": sums["clip_frac"] / tok,
         "grad_norm": sums["grad_norm"] / n_opt,
-        "trained_tokens": int(sum(len(r.ids) for r in rows) * rl.epochs),
+        "trained_tokens": int(sum(len(r.ids) for r in rows if not skippable(r, rl, ref_model)) * rl.epochs),
+        "skipped_rows": sum(skippable(r, rl, ref_model) for r in rows),
     }
+
+
+def skippable(row: Rollout, rl, ref_model) -> bool:
+    """A row that cannot change the gradient: advantage 0 and no KL term.
+
+    Its clipped loss is -0 x min(ratio, clip(ratio)) = 0 at every token, so its gradient is exactly
+    zero; leaving it out saves its forward and backward (with random or saturated policies, most of
+    the update). Its tokens still count in the loss denominators (computed before the skip), so the
+    update is the same, bit for bit up to summation order.
+    """
+    return rl.skip_zero_advantage and ref_model is None and row.advantage == 0.0
+
+
+def zero_missing_grads(model) -> None:
+    """Zero gradients where backward never ran, so the optimiser steps every parameter (weight decay,
+    moment decay, step count) exactly as it would have with the skipped rows included."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def score(completions: list[Completion], problems: list[Problem], cfg: GRPOConfig):

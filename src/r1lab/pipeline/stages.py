@@ -18,7 +18,7 @@ base itself sampled many times: its verified samples with a reflection phrase (a
 checkpoint or an OpenAI-compatible endpoint (e.g. DeepSeek's API).
 
 After the base and after every stage the model is evaluated on the same held-out problems (the RL
-task's test split, graded by the RL grader). The driver, `r1lab.sft.pipeline_commands.run_pipeline`,
+task's test split, graded by the RL grader). The driver, `r1lab.pipeline.commands.run_pipeline`,
 keeps `OUT/pipeline.json` (stages, checkpoints, held-out numbers, wall time and FLOPs: teacher sampling
 + training, evaluation apart) and writes `OUT/report.html`, which overlays the stages' curves.
 Resumable by stage: a stage is skipped when `pipeline.json` says it finished, its checkpoint exists and
@@ -91,7 +91,9 @@ class ColdStart(Section):
     reflection_words: list[str] = Field(
         default_factory=lambda: list(DEFAULT_REFLECTION_WORDS), description="phrases that count as reflection"
     )
-    max_traces: int | None = Field(None, ge=1, description="fine-tune on at most this many traces")
+    max_traces: int | None = Field(
+        None, ge=1, description="fine-tune on at most this many traces (sample.max_keep caps each problem's)"
+    )
     sft: StageSFT = Field(default_factory=StageSFT)
 
 
@@ -278,6 +280,23 @@ def is_long_trace(row: dict, min_tokens: int, words: list[str] | None) -> bool:
     return not words or reflection_counts([row["messages"][-1]["content"]], words)[0] > 0
 
 
+def cap_per_problem(rows: list[dict], max_keep: int | None) -> list[dict]:
+    """The first `max_keep` rows of each problem (all when None), in their order.
+
+    >>> rows = [{"meta": {"problem_id": p}} for p in "aab"]
+    >>> [r["meta"]["problem_id"] for r in cap_per_problem(rows, 1)]
+    ['a', 'b']
+    """
+    seen: dict[str, int] = {}
+    out = []
+    for r in rows:
+        pid = r["meta"]["problem_id"]
+        seen[pid] = seen.get(pid, 0) + 1
+        if max_keep is None or seen[pid] <= max_keep:
+            out.append(r)
+    return out
+
+
 def write_rows(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
@@ -313,10 +332,13 @@ def cold_start(cfg: PipelineConfig, base: Path, stage_dir: Path) -> dict:
     """Stage 1: sample the teacher, keep verified long traces, fine-tune the base on them."""
     cs = cfg.cold_start
     teacher = cs.sample.teacher or TeacherSpec(kind="local", path=str(base))
-    sampled = sample_stage(cs.sample, teacher, stage_dir / "traces" / "sampled.jsonl", common(cfg))
+    # every distinct verified trace is kept first and max_keep applies to the long ones: a cap before
+    # the filter would keep a problem's first verified trace, usually a short direct answer
+    overrides = {**common(cfg), "max_keep": None}
+    sampled = sample_stage(cs.sample, teacher, stage_dir / "traces" / "sampled.jsonl", overrides)
     words = cs.reflection_words if cs.reflection else None
     long_rows = [r for r in read_rows(Path(sampled["output"])) if is_long_trace(r, cs.min_tokens, words)]
-    long_rows = long_rows[: cs.max_traces] if cs.max_traces else long_rows
+    long_rows = cap_per_problem(long_rows, cs.sample.max_keep)[: cs.max_traces]
     if not long_rows:
         raise PipelineError(
             f"{cfg.out}: cold start: none of {sampled['kept_total']} verified traces is long enough "

@@ -1,6 +1,6 @@
 """`r1lab pipeline RECIPE [key=value ...] [--restart]`: the four-stage R1 recipe, resumable by stage.
 
-The stages themselves are in `r1lab.sft.pipeline`; this is the driver: build or reuse the base, run each
+The stages themselves are in `r1lab.pipeline.stages`; this is the driver: build or reuse the base, run each
 stage whose output is missing or stale (skip the ones done with the same settings and start model),
 evaluate after each, keep `OUT/pipeline.json` and `OUT/metrics.jsonl` (one row per stage) current after
 every stage, write one report over all stages, and print held-out pass@1 after the base and each stage.
@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from r1lab.config import R1labError, add_recipe_arguments, dump_config, load_config, recipe_and_overrides
-from r1lab.sft.pipeline import (
+from r1lab.pipeline.stages import (
     STAGE_DIRS,
     PipelineConfig,
     evaluate_checkpoint,
