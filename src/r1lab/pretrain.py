@@ -161,7 +161,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
             elapsed = time.monotonic() - t0
             stats = {
                 "step": step,
-                "loss": float(loss),
+                "loss": float(loss.detach()),
                 "lr": scheduler.get_last_lr()[0],
                 "tokens": tokens,
                 "tok_per_s": tokens / max(elapsed, 1e-9),
