@@ -88,6 +88,18 @@ def test_grpo_changes_parameters_and_raises_reward(tiny_base, tmp_path):
     assert "eval/pass@1" in rows[-1]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_grpo_trains_on_cuda_with_the_cpu_engine(tiny_base, tmp_path):
+    """The trainer on a GPU without vLLM: the model trains on CUDA, the rollout engine reads a CPU copy."""
+    cfg = grpo_config(tiny_base, tmp_path / "run", device="cuda", rl={"steps": 3})
+    last = train(cfg)
+    before, after = weights(tiny_base), weights(Path(last["final_checkpoint"]))
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["tokens"] > 0
+
+
 def test_checkpoint_loads_with_plain_transformers(tiny_base, tmp_path):
     last = train(grpo_config(tiny_base, tmp_path / "run", rl={"steps": 1}))
     code = (

@@ -167,10 +167,9 @@ class CPUEngine:
                     self._backend = LeanBackend(lm)
             else:
                 self.fallback_reason = lm
-                # A converted copy, so that the caller's (training) model keeps its dtype.
-                model = (
-                    self.model if self.model.dtype == self.dtype else copy.deepcopy(self.model).to(self.dtype)
-                )
+                # A converted CPU copy, so that the caller's (training) model keeps its dtype and device.
+                on_cpu = self.model.dtype == self.dtype and self.model.device.type == "cpu"
+                model = self.model if on_cpu else copy.deepcopy(self.model).to(device="cpu", dtype=self.dtype)
                 if isinstance(old, HFBackend):
                     old.model = model
                 else:

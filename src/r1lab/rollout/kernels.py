@@ -89,14 +89,15 @@ class LeanModel:
 
 
 def _t(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    return None if x is None else x.detach().to(dtype).contiguous()
+    """A CPU copy in `dtype` (the engine runs on CPU even when the trainer's model is on a GPU)."""
+    return None if x is None else x.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 def _cat_bias(*linears, dtype) -> torch.Tensor | None:
     if all(m.bias is None for m in linears):
         return None
     parts = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in linears]
-    return torch.cat([p.detach() for p in parts]).to(dtype).contiguous()
+    return torch.cat([p.detach().cpu() for p in parts]).to(dtype).contiguous()
 
 
 def lean_from_hf(model: torch.nn.Module, dtype: torch.dtype) -> LeanModel | str:
@@ -221,12 +222,13 @@ def ensure_rope(lm: LeanModel, n_positions: int) -> None:
     """
     if lm.rotary is None or (lm.cos is not None and lm.cos.shape[0] >= n_positions):
         return
-    pos = torch.arange(n_positions)[None]  # [1, T]
-    probe = torch.zeros(1, dtype=torch.float32)
+    dev = next(iter(lm.rotary.buffers()), torch.empty(0)).device  # the trainer's device (inv_freq)
+    pos = torch.arange(n_positions, device=dev)[None]  # [1, T]
+    probe = torch.zeros(1, dtype=torch.float32, device=dev)
     cos, sin = lm.rotary(probe, pos)  # [1, T, D] each
     half = lm.head_dim // 2
-    lm.cos = cos[0, :, :half].to(lm.dtype).contiguous()  # [T, D/2]
-    lm.sin = sin[0, :, :half].to(lm.dtype).contiguous()  # [T, D/2]
+    lm.cos = cos[0, :, :half].to(device="cpu", dtype=lm.dtype).contiguous()  # [T, D/2]
+    lm.sin = sin[0, :, :half].to(device="cpu", dtype=lm.dtype).contiguous()  # [T, D/2]
 
 
 # --------------------------------------------------------------------------- building blocks
