@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from r1lab.config import R1labError
+
 STATE_FILE = "trainer_state.pt"
 
 
@@ -91,3 +93,15 @@ def bf16_is_fast() -> bool:
 def use_bf16(precision: str) -> bool:
     """Resolve a `precision` setting ("auto", "fp32", "bf16") to whether to autocast to bf16."""
     return precision == "bf16" or (precision == "auto" and bf16_is_fast())
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` (CUDA when there is one), `cpu`, `cuda` or `cuda:N`; a missing GPU is one clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise R1labError(f"device {name!r} asked for, but torch sees no CUDA device")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise R1labError(f"device {name!r}: {e}") from None

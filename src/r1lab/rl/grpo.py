@@ -32,6 +32,7 @@ from r1lab.modeling.train_state import (
     load_train_state,
     make_optimizer,
     make_scheduler,
+    resolve_device,
     save_train_state,
     use_bf16,
 )
@@ -293,17 +294,18 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
         raise R1labError(
             f"{run.path} already holds a run; pass --resume to continue it or choose another run_dir"
         )
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     train_problems = load_task(cfg.task)  # tasks first: a bad task name fails before any model loads
     eval_spec = cfg.eval_task or cfg.task.model_copy(update={"split": "test", "limit": cfg.eval_problems})
     eval_problems = load_task(eval_spec)[: cfg.eval_problems]
     model, tokenizer = load_model(latest if (resume and latest) else cfg.model)
-    model.to(cfg.device)
+    model.to(device)
     ref_model = None
     if cfg.rl.kl_coef > 0:
         ref_model, _ = load_model(cfg.model)
-        ref_model.to(cfg.device)
+        ref_model.to(device)
         ref_model.requires_grad_(False).eval()
     optimizer = make_optimizer(model, cfg.rl.lr, cfg.rl.weight_decay, cfg.rl.betas)
     total_opt_steps = cfg.rl.steps * cfg.rl.epochs * cfg.rl.minibatches

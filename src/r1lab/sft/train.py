@@ -32,7 +32,13 @@ from r1lab.config import R1labError, dump_config
 from r1lab.metrics import RunDir
 from r1lab.metrics.progress import StepProgress
 from r1lab.modeling import load_model, matmul_params, save_checkpoint
-from r1lab.modeling.train_state import load_train_state, make_optimizer, make_scheduler, save_train_state
+from r1lab.modeling.train_state import (
+    load_train_state,
+    make_optimizer,
+    make_scheduler,
+    resolve_device,
+    save_train_state,
+)
 from r1lab.sft.config import SFTConfig
 from r1lab.sft.data import (
     Example,
@@ -90,14 +96,6 @@ def train_step(
     lr = scheduler.get_last_lr()[0]  # the rate this step used
     scheduler.step()
     return {"loss": loss, "grad_norm": float(grad_norm), "lr": lr, "tokens": n_targets}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise R1labError("device 'cuda' asked for, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def plan_total_steps(n_examples: int, cfg: SFTConfig) -> tuple[int, int]:
