@@ -20,7 +20,7 @@ def _run(capsys, *argv: str) -> tuple[int, str]:
 def test_vllm_engine_without_vllm_fails_in_one_clear_line(tmp_path, capsys):
     code, err = _run(capsys, str(tmp_path), "--engine", "vllm")
     assert code == 2
-    assert "vLLM is not installed / needs a GPU" in err and len(err.strip().splitlines()) == 1
+    assert "vLLM is not available" in err and len(err.strip().splitlines()) == 1
 
 
 def test_missing_checkpoint_and_bad_arguments_are_one_line_errors(tmp_path, capsys):

@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 
 from r1lab.config import R1labError
-from r1lab.rollout.base import Completion, Prompt, Sampler, SamplingParams
-from r1lab.rollout.cpu import CPUEngine, StepOutput
+from r1lab.rollout.base import Completion, Prompt, Sampler, SamplingParams, StepOutput
+from r1lab.rollout.cpu import CPUEngine
 
 __all__ = ["CPUEngine", "Completion", "Prompt", "Sampler", "SamplingParams", "StepOutput", "make_sampler"]
 

@@ -40,3 +40,16 @@ class Completion:
 @runtime_checkable
 class Sampler(Protocol):
     def generate(self, prompts: list[Prompt], n: int, params: SamplingParams) -> list[Completion]: ...
+
+
+@dataclass
+class StepOutput:
+    """What one request produced in one `step()` of a step engine (the CPU engine, vLLM's adapter,
+    the serve tests' scripted engine): the new token, its log-prob and text, and whether it ended."""
+
+    request_id: str
+    token_id: int | None
+    logprob: float | None
+    text_delta: str
+    finished: bool
+    finish_reason: str | None

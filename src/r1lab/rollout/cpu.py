@@ -53,24 +53,12 @@ import torch
 from r1lab.config import R1labError
 from r1lab.rollout import kernels
 from r1lab.rollout.backends import HFBackend, LeanBackend
-from r1lab.rollout.base import Completion, Prompt, SamplingParams
+from r1lab.rollout.base import Completion, Prompt, SamplingParams, StepOutput
 from r1lab.rollout.detok import TextStream
 from r1lab.rollout.sampling import RowParams, derive_key, sample
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _KEEP_TOKENS = ("<think>", "</think>")  # special or not, these stay in the text
-
-
-@dataclass
-class StepOutput:
-    """What one request produced in one `step()`."""
-
-    request_id: str
-    token_id: int | None
-    logprob: float | None
-    text_delta: str
-    finished: bool
-    finish_reason: str | None
 
 
 @dataclass(eq=False)

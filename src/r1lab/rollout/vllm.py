@@ -20,19 +20,21 @@ from r1lab.config import R1labError
 from r1lab.rollout.base import Completion, Prompt, SamplingParams
 
 
-def _import_vllm():
+def import_vllm():
+    """The vllm module, or one clear line saying why not (not installed, or no CUDA GPU)."""
     os.environ.setdefault(
         "VLLM_ENABLE_V1_MULTIPROCESSING", "0"
     )  # keep the model in this process (weight sync)
     try:
         import torch
         import vllm
-    except ImportError:
+    except Exception as e:  # ImportError, or a CUDA/driver error raised while importing
         raise R1labError(
-            "vLLM is not installed: pip install -e '.[gpu]' on a machine with a CUDA GPU"
+            f"vLLM is not available ({type(e).__name__}): pip install -e '.[gpu]' on a machine with a CUDA "
+            "GPU, or use the cpu engine"
         ) from None
     if not torch.cuda.is_available():
-        raise R1labError("vLLM needs a CUDA GPU and none is visible (engine: cpu runs on this machine)")
+        raise R1labError("vLLM needs a CUDA GPU and none is visible (use the cpu engine on this machine)")
     return vllm
 
 
@@ -47,7 +49,7 @@ class VLLMSampler:
         gpu_memory_utilization: float = 0.85,
         max_model_len: int | None = None,
     ):
-        vllm = _import_vllm()
+        vllm = import_vllm()
         self._vllm = vllm
         kwargs = {
             "model": str(path),

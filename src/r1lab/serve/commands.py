@@ -138,9 +138,9 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     api_key = args.api_key or os.environ.get("R1LAB_API_KEY") or None
     if args.engine == "vllm":
-        from r1lab.serve.vllm_engine import _import_vllm
+        from r1lab.rollout.vllm import import_vllm
 
-        _import_vllm()  # fail in one line before loading anything
+        import_vllm()  # fail in one line before loading anything
     checkpoint = resolve_checkpoint(args.checkpoint)
     if args.engine == "cpu":
         import torch

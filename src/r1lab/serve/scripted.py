@@ -15,21 +15,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from r1lab.rollout.base import SamplingParams
+from r1lab.rollout.base import SamplingParams, StepOutput
 
 DEFAULT_REPLY = "<think>The user wants an answer. 2 + 2 = 4.</think>The answer is 4."
-
-
-@dataclass
-class ScriptedOutput:
-    """Same fields as `r1lab.rollout.cpu.StepOutput`."""
-
-    request_id: str
-    token_id: int | None
-    logprob: float | None
-    text_delta: str
-    finished: bool
-    finish_reason: str | None
 
 
 @dataclass
@@ -62,7 +50,7 @@ class ScriptedEngine:
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 
-    def step(self) -> list[ScriptedOutput]:
+    def step(self) -> list[StepOutput]:
         if self.step_seconds:
             time.sleep(self.step_seconds)
         with self._lock:
@@ -73,9 +61,9 @@ class ScriptedEngine:
         return outs
 
     @staticmethod
-    def _advance(rid: str, req: _Request) -> ScriptedOutput:
+    def _advance(rid: str, req: _Request) -> StepOutput:
         if req.pos >= len(req.reply):  # the reply is over: the "model" emits EOS
-            return ScriptedOutput(rid, 0, 0.0, req.reply[req.sent : req.pos], True, "stop")
+            return StepOutput(rid, 0, 0.0, req.reply[req.sent : req.pos], True, "stop")
         char = req.reply[req.pos]
         req.pos += 1
         text = req.reply[: req.pos]
@@ -83,12 +71,12 @@ class ScriptedEngine:
             at = text.find(stop, req.sent)
             if at >= 0:  # cut the stop string and what follows; finish now
                 delta = text[req.sent : at]
-                return ScriptedOutput(rid, ord(char), 0.0, delta, True, "stop")
+                return StepOutput(rid, ord(char), 0.0, delta, True, "stop")
         hold = max((_held(text, s) for s in req.params.stop), default=0)
         delta, req.sent = text[req.sent : len(text) - hold], len(text) - hold
         if req.pos >= req.params.max_tokens:
-            return ScriptedOutput(rid, ord(char), 0.0, delta + text[req.sent :], True, "length")
-        return ScriptedOutput(rid, ord(char), 0.0, delta, False, None)
+            return StepOutput(rid, ord(char), 0.0, delta + text[req.sent :], True, "length")
+        return StepOutput(rid, ord(char), 0.0, delta, False, None)
 
 
 def _held(text: str, stop: str) -> int:

@@ -10,48 +10,17 @@ clear `R1labError`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
-from r1lab.config import R1labError
-from r1lab.rollout.base import SamplingParams
-
-
-@dataclass
-class VLLMOutput:
-    """Same fields as `r1lab.rollout.cpu.StepOutput`."""
-
-    request_id: str
-    token_id: int | None
-    logprob: float | None
-    text_delta: str
-    finished: bool
-    finish_reason: str | None
-
-
-def _import_vllm():
-    try:
-        import vllm
-    except Exception as e:  # ImportError, or a CUDA/driver error raised while importing
-        raise R1labError(
-            f"vLLM is not installed / needs a GPU ({type(e).__name__}); install 'r1lab[gpu]' on a CUDA "
-            "machine, or use --engine cpu"
-        ) from None
-    return vllm
+from r1lab.rollout.base import SamplingParams, StepOutput
+from r1lab.rollout.vllm import import_vllm
 
 
 class VLLMStepEngine:
     """Step API over `vllm.LLMEngine` for a local Hugging Face checkpoint directory."""
 
     def __init__(self, checkpoint: str, dtype: str = "bfloat16", seed: int = 0, max_batch: int = 256):
-        vllm = _import_vllm()
-        try:
-            import torch
-
-            if not torch.cuda.is_available():
-                raise R1labError("vLLM is not installed / needs a GPU (no CUDA device); use --engine cpu")
-        except ImportError:
-            pass
+        vllm = import_vllm()  # one clear line without vLLM or without a CUDA GPU
         self._vllm = vllm
         args = vllm.EngineArgs(model=checkpoint, dtype=dtype, seed=seed, max_num_seqs=max_batch)
         self.engine = vllm.LLMEngine.from_engine_args(args)
@@ -81,7 +50,7 @@ class VLLMStepEngine:
     def has_unfinished(self) -> bool:
         return bool(self.engine.has_unfinished_requests())
 
-    def step(self) -> list[VLLMOutput]:
+    def step(self) -> list[StepOutput]:
         outs = []
         for ro in self.engine.step():
             if ro.request_id not in self._seen or not ro.outputs:
@@ -91,7 +60,7 @@ class VLLMStepEngine:
                 self._seen.pop(ro.request_id, None)
         return outs
 
-    def _convert(self, ro: Any) -> list[VLLMOutput]:
+    def _convert(self, ro: Any) -> list[StepOutput]:
         """New tokens of one request since the last step; text goes with the last new token."""
         comp = ro.outputs[0]
         n_seen, chars_seen = self._seen[ro.request_id]
@@ -102,7 +71,7 @@ class VLLMStepEngine:
         if reason not in (None, "stop", "length"):
             reason = "stop"  # e.g. vLLM's "abort" for an aborted request
         if not new_ids:
-            return [VLLMOutput(ro.request_id, None, None, text, ro.finished, reason)]
+            return [StepOutput(ro.request_id, None, None, text, ro.finished, reason)]
         out = []
         for k, tid in enumerate(new_ids):
             last = k == len(new_ids) - 1
@@ -111,7 +80,7 @@ class VLLMStepEngine:
                 entry = comp.logprobs[n_seen + k].get(tid)
                 lp = None if entry is None else float(entry.logprob)
             out.append(
-                VLLMOutput(
+                StepOutput(
                     ro.request_id,
                     tid,
                     lp,
