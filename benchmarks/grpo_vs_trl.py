@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/grpo_vs_trl.py --quick    # a few steps, 4M model, short learning run
     .venv/bin/python benchmarks/grpo_vs_trl.py --no-learn --sizes qwen2-34m --steps 5 --threads 1
 
-TRL is a benchmark-only dependency: `pip install trl datasets` into the venv.
+TRL is a benchmark-only dependency: `pip install -e '.[bench]'` into the venv.
 
 Speed. For each size (qwen2-4m, qwen2-34m; the same random weights for every system) and dtype,
 each system runs `--warmup` + `--steps` GRPO steps in a child process of its own: 8 arithmetic
@@ -13,7 +13,8 @@ KL, one AdamW step per batch, token-mean loss (TRL: `dapo`), TRL in its fastest 
 (`TRL_ARGS`). Printed per system: wall and CPU seconds per step, completion tokens/s, peak RSS, the
 fraction of the FLOP roofline (2N per generated and prompt token, 6N per trained token, against the
 matmul peak measured at the start, by wall time and per CPU-second) and where the step's CPU time
-goes. `r1lab+skip0` is r1lab with an experimental patch that skips rows of zero advantage.
+goes. `r1lab` runs with its defaults (rows of zero advantage are left out of the update when KL is
+off, `rl.skip_zero_advantage`); `r1lab-noskip` trains every row, as TRL does: the same work.
 
 Learning. A qwen2-4m base (`r1lab pretrain`, or `--base`) is trained `--learn-steps` GRPO steps by
 both systems with the same seed and prompts; both reward curves are printed and saved
@@ -59,8 +60,8 @@ from _common import (  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 PROMPTS, GROUP, MAX_TOKENS = 8, 8, 64
-#: r1lab+skip0: r1lab with an experimental patch (see `r1lab_worker`) that skips rows of zero advantage.
-SYSTEMS = ("r1lab", "r1lab+skip0", "trl")
+#: r1lab-noskip: r1lab with `rl.skip_zero_advantage=false`, i.e. TRL's work (every row trained).
+SYSTEMS = ("r1lab", "r1lab-noskip", "trl")
 
 
 # ----------------------------------------------------------------------------- shared by the workers
@@ -222,6 +223,7 @@ def r1lab_worker(spec: dict) -> dict:
     cfg = {"model": spec["model"], "run_dir": run_dir, "seed": spec["seed"], "threads": spec["threads"]}
     cfg.update(task=spec.get("task", TASK), engine_dtype=spec["dtype"], samples_every=0, progress=False)
     cfg.update(sampling={"temperature": 1.0, "top_p": 1.0, "max_tokens": MAX_TOKENS})
+    rl["skip_zero_advantage"] = spec.get("skip_zero_advantage", True)
     cfg = GRPOConfig.model_validate({**cfg, "rl": {**rl, **spec.get("rl_extra", {})}})
     timers, clock = StepTimers(), Clock()
     timers.wrap(CPUEngine, "sync_weights", "sync_weights")
@@ -235,27 +237,13 @@ def r1lab_worker(spec: dict) -> dict:
     grpo.sample_groups = lambda *a, **k: (clock.marks or clock.mark(), timers.new_step(), sample(*a, **k))[2]
     RunDir.log = lambda self, stats: (log_step(self, stats), clock.mark())[0]
     grpo.held_out = lambda *a, **k: {}  # the end-of-run evaluation is `r1lab eval`'s job here
-    if spec.get("skip_zero_advantage"):
-        # Experiment (not in r1lab yet): without KL, a row of zero advantage adds exactly zero to the
-        # gradient (the token-mean denominator is taken over the whole minibatch before bucketing), so
-        # its forward and backward can be skipped. A step with no row left then leaves grads None and
-        # AdamW skips its momentum update: exact only while no earlier step had a gradient (true for
-        # the random-weight speed runs); a real patch would zero the grads instead.
-        buckets, trained = grpo.micro_batches, []  # tokens really trained, per step (for the FLOPs)
-
-        def nonzero_rows(rows, budget):
-            kept = [r for r in rows if r.advantage != 0.0]
-            trained.append(sum(len(r.ids) for r in kept))
-            return buckets(kept, budget)
-
-        grpo.micro_batches = nonzero_rows
     grpo.train(cfg)
     model, tok = load_model(spec["model"])
     problems = problems_in_order(spec["seed"], n_steps * PROMPTS, spec.get("task", TASK))
     plen = prompt_lengths(problems, tok)
     steps = [
         step_record(problems, plen, i, [r["tokens"]], [r["reward"]])
-        | {"train_tokens": trained[i] if spec.get("skip_zero_advantage") else r["trained_tokens"]}
+        | {"train_tokens": r["trained_tokens"]}  # rows really trained (skipped ones excluded)
         for i, r in enumerate(RunDir(run_dir).read_metrics())
     ]
     out = worker_result(spec, clock, timers, steps, model)
@@ -328,11 +316,11 @@ def speed(args, peaks: dict, cpu_peaks: dict, tmp: Path) -> dict:
         for dtype in args.dtypes:
             for system in SYSTEMS:  # alternated, so slow drifts of the load hit all alike
                 log(f"speed: {size} {system} {dtype}")
-                spec = {"kind": system.split("+")[0], "model": str(model_dir), "dtype": dtype}
+                spec = {"kind": system.split("-")[0], "model": str(model_dir), "dtype": dtype}
                 spec.update(
                     steps=args.steps, warmup=args.warmup, seed=args.seed, lr=1e-4, threads=args.threads
                 )
-                spec.update(skip_zero_advantage=system.endswith("+skip0"))
+                spec.update(skip_zero_advantage=not system.endswith("-noskip"))
                 r = run_child(SCRIPT, spec, args.timeout)
                 per[f"{system}/{dtype}"] = digest(r, peaks[dtype], cpu_peaks[dtype], args.warmup)
         ratio = {system: ratios(per, system) for system in SYSTEMS[:-1]}

@@ -77,21 +77,44 @@ def assert_same_grads(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) 
             torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-def test_skipping_zero_advantage_rows_gives_the_plain_update(tiny, agg):
+@pytest.mark.parametrize(
+    "agg, passes",
+    [
+        ("token-mean", {}),
+        ("seq-mean-token-mean", {}),
+        ("seq-mean-token-sum-norm", {}),
+        # several optimiser steps per batch: the ratio leaves 1 and clipping happens
+        ("token-mean", {"epochs": 2, "minibatches": 2, "old_logp": "recompute"}),
+        ("seq-mean-token-mean", {"epochs": 2, "minibatches": 2, "old_logp": "rollout"}),
+    ],
+)
+def test_skipping_zero_advantage_rows_gives_the_plain_update(tiny, agg, passes):
     rows = make_rows(16, zero_share=0.5, seed=1)
-    fast, _, fast_stats, fast_grads = run_update(tiny, rows, config(loss_agg=agg, skip_zero_advantage=True))
+    fast, _, fast_stats, fast_grads = run_update(
+        tiny, rows, config(loss_agg=agg, skip_zero_advantage=True, **passes)
+    )
     plain, _, plain_stats, plain_grads = run_update(
-        tiny, rows, config(loss_agg=agg, skip_zero_advantage=False)
+        tiny, rows, config(loss_agg=agg, skip_zero_advantage=False, **passes)
     )
     assert fast_stats[0]["skipped_rows"] == 8 and plain_stats[0]["skipped_rows"] == 0
     assert fast_stats[0]["trained_tokens"] < plain_stats[0]["trained_tokens"]
     assert max_diff(fast, tiny) > 1e-3  # the update did move the weights
     assert_same_grads(fast_grads, plain_grads)
     assert max_diff(fast, plain) < PARAM_TOL
-    for f, p in zip(fast_stats, plain_stats, strict=True):
+    # With one optimiser step per update the first update starts from the same weights: strict. With
+    # several, even its later steps start from weights that differ by Adam-amplified rounding.
+    pairs = list(zip(fast_stats, plain_stats, strict=True))
+    if not passes:
+        f, p = pairs.pop(0)
         assert f["loss"] == pytest.approx(p["loss"], abs=TOL)
         assert f["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-5)
+        assert f["clip_frac"] == pytest.approx(p["clip_frac"], abs=TOL)
+    for f, p in pairs:
+        assert f["loss"] == pytest.approx(p["loss"], rel=1e-4, abs=TOL)
+        assert f["grad_norm"] == pytest.approx(p["grad_norm"], rel=1e-4)
+        assert f["clip_frac"] == pytest.approx(p["clip_frac"], abs=0.01)
+    if passes:
+        assert plain_stats[-1]["clip_frac"] > 0  # not vacuous: some ratios left the clip range
 
 
 def test_a_batch_of_zero_advantages_still_steps_the_optimiser_like_the_plain_path(tiny):
@@ -114,9 +137,10 @@ def test_with_kl_no_row_is_skipped(tiny):
     ref = copy.deepcopy(tiny).eval()
     _, _, stats, _ = run_update(tiny, rows, config(kl_coef=0.1), ref_model=ref, updates=1)
     assert stats[0]["skipped_rows"] == 0
+    assert stats[0]["trained_tokens"] == sum(len(r.ids) for r in rows)  # every row ran: its KL has a gradient
 
 
-@pytest.mark.parametrize("budget", [64, 256, 100_000])
+@pytest.mark.parametrize("budget", [64, 256])  # one row per micro-batch; a few rows each
 def test_micro_batch_budget_does_not_change_the_update(tiny, budget):
     rows = make_rows(12, zero_share=0.25, seed=4)
     small, _, _, small_grads = run_update(tiny, rows, config(micro_batch_tokens=budget), updates=2)

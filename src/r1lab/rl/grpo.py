@@ -196,14 +196,18 @@ def policy_update(
             n_opt += 1
     tok = max(sums["tokens"], 1.0)
     sampled = [lp for r in rows for lp in r.sampler_logp]
+    plain_sampling = cfg.sampling.temperature == 1.0 and cfg.sampling.top_p == 1.0
     return {
         "loss": sums["loss"] / n_opt,
         # exact entropy over the rows that ran (None when all were skipped); entropy_sampled is the
-        # Monte Carlo estimate -mean log p(sampled token) over every row, free from the rollout
+        # Monte Carlo estimate -mean log p(sampled token) over every row, free from the rollout, and
+        # only an estimate of the policy's entropy when sampling is plain (temperature 1, top_p 1)
         "entropy": sums["entropy"] / tok if sums["tokens"] else None,
-        "entropy_sampled": -sum(sampled) / max(len(sampled), 1),
+        "entropy_sampled": -sum(sampled) / max(len(sampled), 1) if plain_sampling and any(sampled) else None,
         "kl": sums["kl"] / tok if ref_model is not None else 0.0,
-        "clip_frac": sums["clip_frac"] / tok,
+        # over every completion token, skipped rows included (they are never clipped): comparable
+        # with and without the skip
+        "clip_frac": sums["clip_frac"] / max(sum(len(r.ids) - r.prompt_len for r in rows) * rl.epochs, 1),
         "grad_norm": sums["grad_norm"] / n_opt,
         "trained_tokens": int(sum(len(r.ids) for r in rows if not skippable(r, rl, ref_model)) * rl.epochs),
         "skipped_rows": sum(skippable(r, rl, ref_model) for r in rows),
