@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     parser = argparse.ArgumentParser(prog=f"r1lab {name}", description=helptext)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])  # flags may come anywhere: `RECIPE --full a=1`
     try:
         return int(module.run(args) or 0)
     except R1labError as e:

@@ -97,3 +97,12 @@ def test_entry_point_help(r1lab_exe):
     proc = subprocess.run([str(r1lab_exe), "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     assert all(name in proc.stdout for name in COMMANDS)
+
+
+def test_flags_may_come_after_the_overrides(run_cli, repo_root):
+    """`r1lab grpo RECIPE --resume rl.bogus=1` and `... rl.bogus=1 --resume` read the same: the override
+    reaches the config (and is refused there by name) wherever the flag stands."""
+    recipe = str(repo_root / "recipes" / "grpo-arithmetic.yaml")
+    for argv in (["grpo", recipe, "--resume", "rl.bogus=1"], ["grpo", recipe, "rl.bogus=1", "--resume"]):
+        status, _, err = run_cli(argv)
+        assert status == 2 and "'rl.bogus'" in err and "unrecognized" not in err
