@@ -39,13 +39,16 @@ class CorpusSection(Section):
 
     problems: int = Field(40_000, ge=1, description="train-split problems in the corpus (one row each)")
     direct: float = Field(0.3, ge=0, description="share of direct answers")
-    working: float = Field(0.5, ge=0, description="share of column working")
-    check: float = Field(0.2, ge=0, description="share of working + 'wait, let me check' + careful working")
+    working: float = Field(0.4, ge=0, description="share of column working")
+    check: float = Field(0.3, ge=0, description="share of working + 'wait, let me check' + careful working")
     slip_rate: float = Field(0.4, ge=0, le=1, description="share of working passes with one slipped column")
+    check_slip_rate: float = Field(
+        1.0, ge=0, le=1, description="share of a check's first passes with a slip (a check follows a slip)"
+    )
 
 
 class PretrainTrain(Section):
-    steps: int = Field(800, ge=1, description="optimiser steps")
+    steps: int = Field(1000, ge=1, description="optimiser steps")
     batch_size: int = Field(64, ge=1, description="rows per step")
     lr: float = Field(1.5e-3, gt=0, description="peak learning rate (3e-3 failed to learn the working here)")
     warmup_steps: int = Field(50, ge=0)
@@ -76,7 +79,13 @@ def corpus_rows(cfg: PretrainConfig, tokenizer) -> list[list[int]]:
 
     spec = cfg.task.model_copy(update={"split": "train", "limit": cfg.corpus.problems, "seed": cfg.seed})
     c = cfg.corpus
-    mix = CorpusMix(direct=c.direct, working=c.working, check=c.check, slip_rate=c.slip_rate)
+    mix = CorpusMix(
+        direct=c.direct,
+        working=c.working,
+        check=c.check,
+        slip_rate=c.slip_rate,
+        check_slip_rate=c.check_slip_rate,
+    )
     pairs = build_arithmetic_corpus(load_task(spec), mix, cfg.seed)
     texts = [
         tokenizer.apply_chat_template(p.messages, tokenize=False, add_generation_prompt=True) + completion

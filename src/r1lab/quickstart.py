@@ -47,7 +47,7 @@ class QuickstartGRPO(GRPOConfig):
         default_factory=lambda: TaskSpec(name="arithmetic", split="train", limit=50_000, seed=1),
         description="RL problems; the quickstart sets options.digits from its own `digits`",
     )
-    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(temperature=1.0, max_tokens=96))
+    sampling: SamplingSpec = Field(default_factory=lambda: SamplingSpec(temperature=1.0, max_tokens=128))
     rl: RLSection = Field(
         default_factory=lambda: RLSection(steps=60, prompts_per_step=16, group_size=8, lr=1e-4, kl_coef=0.05)
     )
@@ -60,7 +60,7 @@ class HeldOut(Section):
     problems: int = Field(200, ge=1, description="held-out problems (test split: never in pretraining or RL)")
     k: int = Field(4, ge=1, description="samples per problem; pass@1 is averaged over them")
     temperature: float = Field(1.0, ge=0, description="sampling temperature of the evaluation")
-    max_tokens: int = Field(96, ge=1)
+    max_tokens: int = Field(128, ge=1)
 
 
 class QuickstartConfig(Section):

@@ -191,3 +191,15 @@ def test_corpus_supports_additions_only(op):
 def test_parse_addition_reads_the_operands():
     assert parse_addition(arithmetic_problem(4821, 3177, "+")) == (4821, 3177)
     assert parse_addition(arithmetic_problem(7, 5, "+", system=True)) == (7, 5)
+
+
+def test_a_check_follows_a_slip_at_the_check_slip_rate():
+    """By default (check_slip_rate 1) every check repairs a slipped first pass, so copying the first
+    pass is never a safe shortcut for the careful one."""
+    rng = random.Random(9)
+    pairs = train_pairs(500, seed=6)
+    checks = [addition_completion(a, b, "check", rng, 0.4, check_slip_rate=1.0) for a, b in pairs]
+    firsts = [working_result(t.split(CHECK_PHRASE)[0]) for t in checks]
+    assert all(f != a + b for f, (a, b) in zip(firsts, pairs, strict=True))
+    assert all(answer(t) == str(a + b) for t, (a, b) in zip(checks, pairs, strict=True))
+    assert CorpusMix().check_slip_rate == 1.0
