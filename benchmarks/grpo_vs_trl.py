@@ -335,8 +335,10 @@ def speed(args, peaks: dict, cpu_peaks: dict, tmp: Path) -> dict:
 def learning(args, tmp: Path) -> dict:
     """Pretrain a base with `r1lab pretrain`, GRPO it with both systems, evaluate all three with `r1lab eval`."""
     # sums of 1- to N-digit operands: the short ones give a fresh base some reward to start from
-    task = {**TASK, "options": {"digits": args.learn_digits, "min_digits": 1}}
-    flow = f"{{name: arithmetic, options: {{digits: {args.learn_digits}, min_digits: 1}}"  # as YAML
+    task = {**TASK, "options": {"digits": args.learn_digits, "min_digits": args.learn_min_digits}}
+    flow = (
+        f"{{name: arithmetic, options: {{digits: {args.learn_digits}, min_digits: {args.learn_min_digits}}}"
+    )
     base, n = tmp / "base", args.pretrain_steps
     if args.base:
         n = None
@@ -371,7 +373,13 @@ def learning(args, tmp: Path) -> dict:
         )
         found = re.search(r"pass@1 ([0-9.]+)", ev.get("stdout", ""))
         held_out[name] = float(found.group(1)) if found else None
-    out = {"steps": args.learn_steps, "lr": args.learn_lr, "pretrain_steps": n, "task": task}
+    out = {
+        "steps": args.learn_steps,
+        "lr": args.learn_lr,
+        "pretrain_steps": n,
+        "task": task,
+        "base": args.base,
+    }
     out.update(curves=runs, held_out_pass_at_1=held_out)
     print_learning(out)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -382,7 +390,8 @@ def learning(args, tmp: Path) -> dict:
 
 
 def print_learning(out: dict) -> None:
-    print(f"\nlearning: qwen2-4m base, {out['steps']} GRPO steps, lr {out['lr']}, same seed and prompts")
+    base_name = out.get("base") or "qwen2-4m base (pretrained here)"
+    print(f"\nlearning: {base_name}, {out['steps']} GRPO steps, lr {out['lr']}, same seed and prompts")
     for system, run in out["curves"].items():
         xs = run.get("rewards") or [float("nan")]
         k = max(1, len(xs) // 4)  # mean of the first and last quarter: single steps are noisy
@@ -413,7 +422,13 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--learn-steps", type=int, default=20)
     p.add_argument("--learn-lr", type=float, default=2e-4)
-    p.add_argument("--learn-digits", type=int, default=2, help="operands of 1 to this many digits")
+    p.add_argument("--learn-digits", type=int, default=2, help="operands of at most this many digits")
+    p.add_argument(
+        "--learn-min-digits",
+        type=int,
+        default=1,
+        help="... and at least this many (3 and 3: the shipped base's task)",
+    )
     p.add_argument("--base", help="a pretrained base checkpoint for the learning run (skips pretraining)")
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
