@@ -152,6 +152,22 @@ def pick_dtypes(requested: str, peaks: dict[str, float]) -> tuple[list[str], str
     return ["float32"], why
 
 
+def machine_peaks(args) -> tuple[dict[str, float], dict[str, float], str | None]:
+    """Measure the matmul peaks (wall and per CPU-second), narrow `args.dtypes` to the useful ones,
+    print all three; returns (peaks, cpu_peaks, why a dtype was skipped or None)."""
+    peaks = measure_peaks(["float32", "bfloat16"], args.threads, seconds=3.0)
+    cpu_peaks = measure_cpu_peaks(["float32", "bfloat16"], args.threads, seconds=2.0)
+    args.dtypes, skipped = pick_dtypes(args.dtypes, peaks)
+    print(
+        f"load average {loadavg()}; matmul peak "
+        + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())
+    )
+    print("per CPU-second: " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP" for d, v in cpu_peaks.items()))
+    if skipped:
+        print(skipped)
+    return peaks, cpu_peaks, skipped
+
+
 def problems_in_order(seed: int, n: int, task: dict = TASK):
     """The first n problems r1lab's GRPO loop draws with this seed (TRL is fed exactly these, in order)."""
     from r1lab.config import TaskSpec

@@ -47,10 +47,8 @@ from _common import (  # noqa: E402
     emit,
     loadavg,
     log,
-    measure_cpu_peaks,
-    measure_peaks,
+    machine_peaks,
     peak_rss_mib,
-    pick_dtypes,
     plot_curves,
     problems_in_order,
     prompt_lengths,
@@ -451,16 +449,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     load_start = loadavg()
     log(f"measuring the matmul peak (float32, bfloat16; {args.threads} threads)")
-    peaks = measure_peaks(["float32", "bfloat16"], args.threads, seconds=3.0)
-    cpu_peaks = measure_cpu_peaks(["float32", "bfloat16"], args.threads, seconds=2.0)
-    args.dtypes, skipped = pick_dtypes(args.dtypes, peaks)
-    print(
-        f"load average {load_start}; matmul peak "
-        + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())
-    )
-    print("per CPU-second: " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP" for d, v in cpu_peaks.items()))
-    if skipped:
-        print(skipped)
+    peaks, cpu_peaks, skipped = machine_peaks(args)
     result = {"benchmark": "grpo_vs_trl", "trl_version": trl.__version__, "threads": args.threads}
     result.update(loadavg_start=load_start, matmul_peak_flops=peaks, matmul_flops_per_cpu_s=cpu_peaks)
     result.update(dtypes=args.dtypes, dtypes_note=skipped, quick=args.quick)

@@ -44,10 +44,8 @@ from _common import (  # noqa: E402
     emit,
     loadavg,
     log,
-    measure_cpu_peaks,
-    measure_peaks,
+    machine_peaks,
     peak_rss_mib,
-    pick_dtypes,
     problems_in_order,
     run_child,
 )
@@ -143,16 +141,7 @@ def worker(spec: dict) -> dict:
 
 
 def run_all(args) -> dict:
-    peaks = measure_peaks(["float32", "bfloat16"], args.threads, seconds=3.0)
-    cpu_peaks = measure_cpu_peaks(["float32", "bfloat16"], args.threads, seconds=2.0)
-    args.dtypes, skipped = pick_dtypes(args.dtypes, peaks)
-    print(
-        f"load average {loadavg()}; matmul peak "
-        + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in peaks.items())
-    )
-    print("per CPU-second: " + ", ".join(f"{d} {v / 1e9:.1f} GFLOP" for d, v in cpu_peaks.items()))
-    if skipped:
-        print(skipped)
+    peaks, cpu_peaks, skipped = machine_peaks(args)
     print(
         f"{'size':10} {'dtype':9} {'path':10} {'rows':>4} {'mb tok':>6} {'pad%':>4} {'s/upd':>6} {'cpu s':>6} {'tok/s':>6} "
         f"{'GFLOP/s':>7} {'of peak':>7} {'w/ pad':>6} {'per cpu':>7}  load"
