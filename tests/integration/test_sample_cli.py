@@ -8,21 +8,17 @@ kept. That makes "killed with SIGKILL mid-way, then re-run" comparable with an u
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import yaml
+from cli_support import r1lab
+from loopback_openai import FakeOpenAI
 
 pytestmark = pytest.mark.slow
-
-SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def teacher_reply(question: str, count: int) -> str:
@@ -35,63 +31,30 @@ def teacher_reply(question: str, count: int) -> str:
     return f"<think>{a}+{b} is about {a + b + 10}</think>{a + b + 10}"
 
 
-class Teacher:
-    """A chat-completions server in a thread; DeepSeek-style `reasoning_content` split."""
+def teacher_behaviour(delay: float = 0.02):
+    """What the loopback teacher answers: the question's next reply in its cycle, DeepSeek-style
+    (`reasoning_content` split from `content`), after `delay` seconds."""
+    counts: dict[str, int] = {}
+    lock = threading.Lock()
 
-    def __init__(self, delay: float = 0.02):
-        self.counts: dict[str, int] = {}
-        self.lock = threading.Lock()
-        teacher = self
+    def behave(body: dict, _call: int) -> tuple:
+        question = body["messages"][-1]["content"]
+        with lock:
+            count = counts.get(question, 0)
+            counts[question] = count + 1
+        time.sleep(delay)
+        reasoning, content = teacher_reply(question, count)[len("<think>") :].split("</think>")
+        msg = {"role": "assistant", "content": content, "reasoning_content": reasoning}
+        return ("json", 200, {"choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]})
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                question = body["messages"][-1]["content"]
-                with teacher.lock:
-                    count = teacher.counts.get(question, 0)
-                    teacher.counts[question] = count + 1
-                time.sleep(delay)
-                reasoning, content = teacher_reply(question, count)[len("<think>") :].split("</think>")
-                msg = {"role": "assistant", "content": content, "reasoning_content": reasoning}
-                data = json.dumps(
-                    {"choices": [{"index": 0, "message": msg, "finish_reason": "stop"}]}
-                ).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return behave
 
 
 @pytest.fixture
 def teacher():
-    t = Teacher()
+    t = FakeOpenAI(teacher_behaviour())
     yield t
     t.close()
-
-
-def r1lab(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "r1lab.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 def sample_recipe(tmp_path: Path, url: str, output: str, problems: int = 24) -> Path:
@@ -123,7 +86,7 @@ def kept(path: Path) -> list[tuple[str, str]]:
 
 def test_sample_killed_midway_then_rerun_loses_and_repeats_nothing(teacher, tmp_path):
     out = tmp_path / "cut" / "traces.jsonl"
-    recipe = sample_recipe(tmp_path, teacher.url, str(out))
+    recipe = sample_recipe(tmp_path, teacher.base_url, str(out))
     proc = r1lab("sample", str(recipe), cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not (out.exists() and out.read_text(encoding="utf-8").count("\n") >= 6):
@@ -144,7 +107,7 @@ def test_sample_killed_midway_then_rerun_loses_and_repeats_nothing(teacher, tmp_
     assert len(set(after)) == len(after)  # and nothing is there twice
 
     whole = tmp_path / "whole" / "traces.jsonl"
-    done = r1lab("sample", str(sample_recipe(tmp_path, teacher.url, str(whole))), cwd=tmp_path)
+    done = r1lab("sample", str(sample_recipe(tmp_path, teacher.base_url, str(whole))), cwd=tmp_path)
     log, _ = done.communicate(timeout=600)
     assert done.returncode == 0, log
     assert sorted(after) == sorted(kept(whole)) and len(after) == 48  # 24 problems x 2 right traces
@@ -155,7 +118,9 @@ def test_distill_samples_then_trains_a_student_that_loads(teacher, tmp_path):
 
     tok = build_char_tokenizer()
     save_checkpoint(build_model("gpt2-1m", tok, seed=0), tok, tmp_path / "student")
-    recipe = yaml.safe_load(sample_recipe(tmp_path, teacher.url, "traces.jsonl", problems=16).read_text())
+    recipe = yaml.safe_load(
+        sample_recipe(tmp_path, teacher.base_url, "traces.jsonl", problems=16).read_text()
+    )
     recipe = {
         "stage": "distill",
         "sample": {k: v for k, v in recipe.items() if k != "stage"},

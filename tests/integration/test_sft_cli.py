@@ -4,33 +4,17 @@ with exactly the weights of an uninterrupted run; bad input files are one line, 
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_support import r1lab
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
-
-SRC = str(Path(__file__).resolve().parents[2] / "src")
-
-
-def r1lab(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.Popen(
-        [sys.executable, "-m", "r1lab.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 @pytest.fixture(scope="module")
