@@ -135,8 +135,9 @@ def policy_update(
     rl = cfg.rl
     bf16 = use_bf16(rl.precision)
     dev = next(model.parameters()).device
+    skipped = {id(r) for r in rows if skippable(r, rl, ref_model)}  # rows left out of every pass
     if rl.epochs > 1 and rl.old_logp == "recompute":
-        live = [r for r in rows if not skippable(r, rl, ref_model)]
+        live = [r for r in rows if id(r) not in skipped]
         for r, lp in zip(
             live, completion_logps(model, live, pad_id, rl.micro_batch_tokens, bf16), strict=True
         ):
@@ -160,7 +161,7 @@ def policy_update(
         for start in range(0, len(order), size):
             minibatch = order[start : start + size]
             total_tokens = float(sum(len(r.ids) - r.prompt_len for r in minibatch))  # before any skip
-            trained = [r for r in minibatch if not skippable(r, rl, ref_model)]
+            trained = [r for r in minibatch if id(r) not in skipped]
             for mb in micro_batches(trained, rl.micro_batch_tokens):
                 ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
                 adv = torch.tensor([r.advantage for r in mb], device=dev)  # [b]
@@ -209,8 +210,8 @@ def policy_update(
         # with and without the skip
         "clip_frac": sums["clip_frac"] / max(sum(len(r.ids) - r.prompt_len for r in rows) * rl.epochs, 1),
         "grad_norm": sums["grad_norm"] / n_opt,
-        "trained_tokens": int(sum(len(r.ids) for r in rows if not skippable(r, rl, ref_model)) * rl.epochs),
-        "skipped_rows": sum(skippable(r, rl, ref_model) for r in rows),
+        "trained_tokens": int(sum(len(r.ids) for r in rows if id(r) not in skipped) * rl.epochs),
+        "skipped_rows": len(skipped),
     }
 
 
