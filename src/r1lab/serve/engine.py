@@ -114,7 +114,8 @@ class Job:
 
     def cost(self, price_per_hour: float) -> dict[str, Any]:
         """The `x_r1lab` object: measured seconds, tokens and dollars of this request."""
-        compute = sum(s.compute_seconds for s in self.seqs)
+        # Rounded once, and the dollars derive from the rounded figure, so the two fields agree exactly.
+        compute = round(sum(s.compute_seconds for s in self.seqs), 9)
         latency = time.monotonic() - self.submitted
         tokens = sum(s.tokens for s in self.seqs)
         return {
@@ -122,7 +123,7 @@ class Job:
             "time_to_first_token_seconds": (
                 round(self.first_token_at - self.submitted, 4) if self.first_token_at else None
             ),
-            "compute_seconds": round(compute, 6),
+            "compute_seconds": compute,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": tokens,
             "tokens_per_second": round(tokens / latency, 2) if latency > 0 else 0.0,
