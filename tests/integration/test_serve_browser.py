@@ -5,6 +5,7 @@ and a screenshot is saved (pytest tmp dir, copied to runs/screenshots/)."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -27,9 +28,24 @@ pytestmark = [
 ]
 
 
+class GatedEngine(ScriptedEngine):
+    """Stops mid-reasoning until `gate` is set: the page is checked while the stream is surely open,
+    however slowly a loaded machine runs the browser (a free-running 2 s stream could end unseen)."""
+
+    def __init__(self, reply: str, hold_at: int, **kw):
+        super().__init__(reply, **kw)
+        self.hold_at, self.gate = hold_at, threading.Event()
+
+    def step(self):
+        if not self.gate.is_set() and any(r.pos >= self.hold_at for r in self.requests.values()):
+            self.gate.wait(timeout=120)  # bounded: a failed test must not hang the worker thread
+        return super().step()
+
+
 def test_chat_page_streams_reasoning_and_answer(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
-    engine = BatchingEngine(ScriptedEngine(REPLY, step_seconds=0.02), max_batch=4, max_queue=4)
+    step_engine = GatedEngine(REPLY, hold_at=len("<think>The user asks"), step_seconds=0.02)
+    engine = BatchingEngine(step_engine, max_batch=4, max_queue=4)
     app = create_app(
         engine,
         ChatRenderer(ScriptedTokenizer(), 4096),
@@ -49,12 +65,14 @@ def test_chat_page_streams_reasoning_and_answer(tmp_path):
             page.wait_for_function("document.getElementById('model').textContent.includes('r1lab-tiny')")
             page.fill("#prompt", "What is 17 + 25?")
             page.click("#send")
-            # Streaming: reasoning text is on the page while the answer is still incomplete.
+            # Streaming: reasoning text is on the page while the answer is still incomplete (the engine
+            # holds mid-reasoning until the page has shown it).
             page.wait_for_function(
                 "(() => { const b = document.querySelector('.assistant');"
                 " return b && b.querySelector('pre').textContent.length > 0"
                 " && b.querySelector('.stats').textContent === ''; })()"
             )
+            step_engine.gate.set()
             page.wait_for_function(
                 "document.querySelector('.assistant .stats').textContent.includes('tokens')"
             )
@@ -77,4 +95,5 @@ def test_chat_page_streams_reasoning_and_answer(tmp_path):
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, out / "chat_page.png")
         finally:
+            step_engine.gate.set()
             browser.close()

@@ -172,7 +172,7 @@ def test_bad_key_fails_fast_with_one_line(serve, monkeypatch):
     with pytest.raises(HTTPSamplerError, match="HTTP 401"):
         s.generate([PROMPT] * 20, n=1, params=SamplingParams())
     assert srv.calls[0][2] == "Bearer sk-wrong"
-    assert len(srv.calls) < 20  # requests not yet started were cancelled
+    assert len(srv.calls) <= 8  # at most the requests already in flight (max_concurrency): none sent after
 
 
 def test_missing_key_env_is_a_config_error(monkeypatch):

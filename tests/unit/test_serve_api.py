@@ -130,6 +130,8 @@ def test_completions_plain_and_streamed(server):
 
 def test_models_health_metrics_and_page(server):
     url, _, _ = server
+    # A request of its own: the metrics must not depend on which tests of this module ran before.
+    client(url).chat.completions.create(model=MODEL, messages=MSGS)
     assert [m.id for m in client(url).models.list()] == [MODEL]
     assert httpx.get(f"{url}/health").json()["status"] == "ok"  # no key needed for health
     snap = httpx.get(f"{url}/v1/metrics", headers=auth()).json()
@@ -223,11 +225,18 @@ def test_timeout_gives_408_or_a_stream_error_event():
         assert engine.metrics.counts["timeouts"] == 2
 
 
-def _wait_idle(engine, seconds: float = 5.0) -> None:
+def _wait_idle(engine, seconds: float = 30.0) -> None:
     deadline = time.monotonic() + seconds
     while engine.load() != (0, 0) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert engine.load() == (0, 0)
+
+
+def _wait_running(engine, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while engine.load()[0] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.load()[0] == 1, "the request never started running"
 
 
 def test_client_disconnect_frees_the_slot_streaming_and_not():
@@ -237,6 +246,9 @@ def test_client_disconnect_frees_the_slot_streaming_and_not():
         with httpx.Client(base_url=url, headers=auth(), timeout=30) as http:
             with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as r:
                 next(r.iter_lines())
+                # The role chunk is sent before the worker admits the job; hang up only once it runs,
+                # or the cancel drops it from the queue and the engine never sees an abort.
+                _wait_running(engine)
         _wait_idle(engine)
         # A non-streaming client that hangs up mid-generation: send the request on a raw socket,
         # wait until the engine is running it, then close the socket (no timing race with load).
@@ -248,11 +260,8 @@ def test_client_disconnect_frees_the_slot_streaming_and_not():
         ).encode()
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             sock.sendall(head + payload)
-            deadline = time.monotonic() + 30
-            while engine.load()[0] == 0 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert engine.load()[0] == 1, "the request never started running"
-        _wait_idle(engine, seconds=30)
+            _wait_running(engine)
+        _wait_idle(engine)
         assert len(step_engine.aborted) == 2 and engine.metrics.counts["aborted"] == 2
         ok = client(url).chat.completions.create(model=MODEL, messages=MSGS, max_tokens=5)
         assert ok.choices[0].finish_reason == "length"

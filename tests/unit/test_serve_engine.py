@@ -4,6 +4,7 @@ aborts, engine failures and cost attribution (with the scripted engine: exact an
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -46,9 +47,11 @@ def test_concurrent_jobs_share_steps_and_never_exceed_max_batch():
     engine = BatchingEngine(step_engine, max_batch=3, max_queue=10)
 
     async def main():
+        # Queue all five before the worker starts: a worker that ran ahead could otherwise finish
+        # early jobs before later ones are submitted, and never fill the batch.
+        jobs = [engine.submit(f"j{i}", [([1, 2], PARAMS)], 2) for i in range(5)]
         engine.start()
         try:
-            jobs = [engine.submit(f"j{i}", [([1, 2], PARAMS)], 2) for i in range(5)]
             return await asyncio.gather(*(_text(j) for j in jobs)), jobs
         finally:
             engine.close()
@@ -82,12 +85,14 @@ def test_a_full_queue_refuses_and_frees_up_after():
     engine = BatchingEngine(ScriptedEngine(REPLY, step_seconds=0.002), max_batch=1, max_queue=1)
 
     async def main():
+        # Fill the engine before its worker starts, so "a" cannot finish (and free its slot) before
+        # "c" is refused, however long this thread is descheduled between the submits.
+        first = engine.submit("a", [([1], PARAMS)], 1)
+        second = engine.submit("b", [([1], PARAMS)], 1)
+        with pytest.raises(QueueFull):
+            engine.submit("c", [([1], PARAMS)], 1)
         engine.start()
         try:
-            first = engine.submit("a", [([1], PARAMS)], 1)
-            second = engine.submit("b", [([1], PARAMS)], 1)
-            with pytest.raises(QueueFull):
-                engine.submit("c", [([1], PARAMS)], 1)
             await asyncio.gather(_text(first), _text(second))
             third = engine.submit("d", [([1], PARAMS)], 1)
             return await _text(third)
@@ -128,9 +133,8 @@ def test_cancel_aborts_in_the_engine_and_frees_the_slot():
                 if ev.text:
                     break  # the client read one token, then disconnected
             engine.cancel(job)
-            for _ in range(200):
-                if engine.load() == (0, 0):
-                    break
+            deadline = time.monotonic() + 30  # generous: one worker iteration, on a possibly loaded box
+            while engine.load() != (0, 0) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
             assert engine.load() == (0, 0)
             return await _text(engine.submit("next", [([1], PARAMS)], 1))

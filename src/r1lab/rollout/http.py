@@ -298,13 +298,28 @@ class HTTPSampler:
         return payload
 
     def _run_all(self, payloads: list[dict]) -> list[tuple[list[HTTPCompletion], bool]]:
-        """Run requests `max_concurrency` at a time; a fatal error cancels what has not started yet."""
+        """Run requests `max_concurrency` at a time; a fatal error (bad key, unknown model) stops every
+        request that has not been sent yet, so at most the ones already in flight reach the server."""
+        fatal: list[HTTPSamplerError] = []  # the first fatal error, seen by every worker thread
+
+        def run(payload: dict) -> tuple[list[HTTPCompletion], bool] | None:
+            if fatal:
+                return None  # not sent
+            try:
+                return self._request(payload)
+            except HTTPSamplerError as e:
+                fatal.append(e)
+                raise
+
         pool = ThreadPoolExecutor(max_workers=self.max_concurrency)
         try:
-            futures = [pool.submit(self._request, p) for p in payloads]
-            return [f.result() for f in futures]
+            futures = [pool.submit(run, p) for p in payloads]
+            results = [f.result() for f in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+        if fatal:  # raised in a later request than some that were skipped because of it
+            raise fatal[0]
+        return results
 
     def generate(self, prompts: list[Prompt], n: int, params: SamplingParams) -> list[Completion]:
         """Completion `i*n + j` is sample j of prompt i; failed slots come back with finish_reason 'error'."""

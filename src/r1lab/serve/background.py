@@ -3,7 +3,7 @@
     with serve_in_thread(app) as base_url:      # e.g. "http://127.0.0.1:53121"
         OpenAI(base_url=base_url + "/v1", api_key="x").models.list()
 
-It binds 127.0.0.1 on a free port, waits until uvicorn accepts connections (and the engine worker
+It binds 127.0.0.1 on a free port (bound before uvicorn starts, so nobody can take it between), waits until uvicorn accepts connections (and the engine worker
 has started), and shuts both down on exit.
 """
 
@@ -28,10 +28,16 @@ def free_port() -> int:
 def serve_in_thread(
     app, host: str = "127.0.0.1", port: int | None = None, start_timeout: float = 30.0
 ) -> Iterator[str]:
-    port = port or free_port()
+    # Bound here and handed to uvicorn: a port picked first and bound later could be taken between.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port or 0))
+    port = sock.getsockname()[1]
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="r1lab-serve-http", daemon=True)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="r1lab-serve-http", daemon=True
+    )
     thread.start()
     deadline = time.monotonic() + start_timeout
     while not server.started:
@@ -43,3 +49,4 @@ def serve_in_thread(
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        sock.close()
