@@ -71,6 +71,22 @@ def grpo_rows(tokenizer, n: int, seed: int):
     return rows
 
 
+def kernel_tokens(rows, budget: int, pack: bool) -> int:
+    """Tokens the model runs on in one update, padding included (rows x width of each micro-batch)."""
+    from r1lab.modeling.packing import pack_rows
+    from r1lab.rl import grpo
+
+    total = 0
+    for mb in grpo.micro_batches(rows, budget, pack):
+        lengths = [len(r.ids) for r in mb]
+        if not pack:
+            total += len(mb) * max(lengths)
+            continue
+        layout = pack_rows(lengths, range(len(mb)), grpo.pack_row_len(max(lengths), budget))
+        total += len(layout) * max(sum(lengths[i] for i in row) for row in layout)
+    return total
+
+
 def worker(spec: dict) -> dict:
     import torch
 
@@ -91,19 +107,20 @@ def worker(spec: dict) -> dict:
             "rl": {
                 "precision": "bf16" if bf16 else "fp32",
                 "micro_batch_tokens": spec["micro_batch_tokens"],
+                "pack_sequences": spec["path"] == "r1lab",
                 "skip_zero_advantage": False,  # throughput of the update itself: every row trained
             },
         }
     )
     timers = StepTimers()  # wrapped before the optimiser exists: the scheduler binds its step method
     timers.wrap(type(model), "forward", "model_forward")
-    timers.wrap(grpo, "token_logprobs", "forward_and_logprobs")
+    timers.wrap(grpo, "batch_logprobs", "forward_and_logprobs")
     timers.wrap(torch.Tensor, "backward", "backward")
     timers.wrap(torch.optim.AdamW, "step", "optimizer")
     opt = make_optimizer(model, 1e-5, 0.0, (0.9, 0.99))
     sched = make_scheduler(opt, "constant", 0, 10**6)
-    batches = grpo.micro_batches(rows, spec["micro_batch_tokens"])
-    padded = sum(len(mb) * max(len(r.ids) for r in mb) for mb in batches)
+    batches = grpo.micro_batches(rows, spec["micro_batch_tokens"])  # padded (model-only runs these)
+    padded = kernel_tokens(rows, spec["micro_batch_tokens"], pack=spec["path"] == "r1lab")
 
     def model_only() -> None:
         for mb in batches:
@@ -119,7 +136,7 @@ def worker(spec: dict) -> dict:
     def r1lab_update() -> None:
         grpo.policy_update(model, None, opt, sched, rows, cfg, tok.pad_token_id, random.Random(0))
 
-    step = r1lab_update if spec["path"] == "r1lab" else model_only
+    step = model_only if spec["path"] == "model-only" else r1lab_update
     clock = Clock()
     for _ in range(spec["warmup"] + spec["iters"]):
         timers.new_step()
@@ -148,10 +165,12 @@ def run_all(args) -> dict:
     )
     configs = []
     for size, dtype, n_rows in itertools.product(args.sizes, args.dtypes, args.rows):
-        # r1lab's update at each micro-batch budget, then the bare model at the first (r1lab's default)
-        runs = [("r1lab", mbt) for mbt in args.micro_batch_tokens] + [
-            ("model-only", args.micro_batch_tokens[0])
-        ]
+        # r1lab's update (packed, then padded) at each micro-batch budget, then the bare model at the
+        # first budget (r1lab's default)
+        runs = [(path, mbt) for mbt in args.micro_batch_tokens for path in ("r1lab", "r1lab-pad")]
+        runs = [(p, m) for p, m in runs if p in args.paths]
+        if "model-only" in args.paths:
+            runs.append(("model-only", args.micro_batch_tokens[0]))
         for path, mbt in runs:
             spec = {"size": size, "dtype": dtype, "rows": n_rows, "path": path, "micro_batch_tokens": mbt}
             spec.update(threads=args.threads, warmup=args.warmup, iters=args.iters)
@@ -209,6 +228,11 @@ def main(argv=None) -> int:
         default="16384,2048",
         help="rl.micro_batch_tokens values (2048: r1lab's default)",
     )
+    p.add_argument(
+        "--paths",
+        default="r1lab,r1lab-pad,model-only",
+        help="r1lab (packed sequences, the default), r1lab-pad (rl.pack_sequences=false), model-only",
+    )
     p.add_argument("--timeout", type=float, default=1200)
     args = p.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # rows appear as they are measured
@@ -219,6 +243,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.sizes, args.dtypes, args.rows, args.iters = "qwen2-4m", "float32", "64", 2
     args.sizes = args.sizes.split(",")
+    args.paths = args.paths.split(",")
     args.rows = [int(x) for x in args.rows.split(",")]
     args.micro_batch_tokens = [int(x) for x in args.micro_batch_tokens.split(",")]
     t0, load_start = time.perf_counter(), loadavg()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from r1lab.modeling import build_char_tokenizer, build_model
+from r1lab.modeling.packing import pack_rows
 from r1lab.sft.data import (
     TraceError,
     assistant_spans,
@@ -17,7 +18,6 @@ from r1lab.sft.data import (
     encode,
     encode_all,
     epoch_steps,
-    pack_rows,
     read_conversations,
     step_micro_batches,
 )
@@ -170,7 +170,7 @@ def test_packed_rows_give_the_same_logits_as_separate_rows(preset):
         encode(TOK, c) for c in (conv("12+3", "15"), conv("7*8?", "<think>7*8=56</think>56"), conv("a", "b"))
     ]
     model = build_model(preset, TOK, seed=0).eval()
-    packed = collate_pack([exs], TOK.pad_token_id, row_len=64)
+    packed = collate_pack([exs], row_len=64)
     padded = collate_bucket(exs, TOK.pad_token_id)
     with torch.no_grad():
         lp = model(**packed.model_inputs(), use_cache=False).logits  # [1, T, V]

@@ -34,6 +34,12 @@ class RLSection(Section):
         description="padded tokens per forward/backward (gradient accumulation); 2048 was fastest on a "
         "2-core CPU (benchmarks/train_throughput.py), GPU recipes use 32768",
     )
+    pack_sequences: bool = Field(
+        True,
+        description="lay several sequences end to end per row in the update (block-diagonal attention, "
+        "same log-probs) instead of right-padding each; falls back to padding for models that do not "
+        "keep packed sequences apart",
+    )
     skip_zero_advantage: bool = Field(
         True,
         description="leave rows whose advantage is 0 out of the forward/backward when kl_coef is 0 (exact: "

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from r1lab.config import R1labError
+from r1lab.modeling.packing import pack_micro_batches, packed_tensors
 from r1lab.rollout.http import join_reasoning
 
 ROLES = ("system", "user", "assistant")
@@ -213,31 +214,6 @@ def bucket_micro_batches(lengths: list[int], indices: list[int], token_budget: i
     return out + [cur] if cur else out
 
 
-def pack_rows(lengths: list[int], indices: list[int], row_len: int) -> list[list[int]]:
-    """First-fit decreasing: examples laid end to end in as few rows of `row_len` tokens as it finds."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for i in sorted(indices, key=lambda j: (-lengths[j], j)):
-        for r, room in enumerate(free):
-            if lengths[i] <= room:
-                rows[r].append(i)
-                free[r] -= lengths[i]
-                break
-        else:
-            rows.append([i])
-            free.append(row_len - lengths[i])
-    return rows
-
-
-def pack_micro_batches(
-    lengths: list[int], indices: list[int], row_len: int, token_budget: int
-) -> list[list[list[int]]]:
-    """Packed rows grouped into micro-batches of `token_budget // row_len` rows (at least one)."""
-    rows = pack_rows(lengths, indices, row_len)
-    per = max(1, token_budget // row_len)
-    return [rows[i : i + per] for i in range(0, len(rows), per)]
-
-
 # --------------------------------------------------------------------------- tensors
 
 
@@ -273,29 +249,18 @@ def collate_bucket(examples: list[Example], pad_id: int) -> MicroBatch:
     return MicroBatch(ids, targets, attn, None, sum(len(e.ids) for e in examples))
 
 
-def collate_pack(rows: list[list[Example]], pad_id: int, row_len: int) -> MicroBatch:
-    """Rows of conversations laid end to end; positions restart at each one, padding at the row's end."""
-    width = min(row_len, max(sum(len(e.ids) for e in row) for row in rows))
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [B, T]
-    pos = torch.zeros((len(rows), width), dtype=torch.long)  # [B, T]
-    targets = torch.zeros((len(rows), width), dtype=torch.bool)  # [B, T]
-    real = 0
+def collate_pack(rows: list[list[Example]], row_len: int) -> MicroBatch:
+    """Rows of conversations laid end to end; positions restart at each one, padding at the row's end
+    (`r1lab.modeling.packing.packed_tensors`; the padding tail carries no loss)."""
+    ids, pos = packed_tensors([[e.ids for e in row] for row in rows], row_len)  # [B, T] each
+    targets = torch.zeros(ids.shape, dtype=torch.bool)  # [B, T]
     for b, row in enumerate(rows):
         t = 0
         for e in row:
-            n = len(e.ids)
-            ids[b, t : t + n] = torch.tensor(e.ids)
-            pos[b, t : t + n] = torch.arange(n)
-            targets[b, t : t + n] = torch.tensor(e.targets)
+            targets[b, t : t + len(e.ids)] = torch.tensor(e.targets)
             targets[b, t] = False  # a conversation's first token is never predicted from the previous one
-            t += n
-        # the padding tail counts up from 0 too: transformers sees it as one more sequence, attending
-        # only to itself and carrying no loss. It repeats the row's first token rather than the pad
-        # id, which would make transformers warn that an attention mask is missing (on purpose here).
-        pos[b, t:] = torch.arange(width - t)
-        ids[b, t:] = ids[b, 0]
-        real += t
-    return MicroBatch(ids, targets, None, pos, real)
+            t += len(e.ids)
+    return MicroBatch(ids, targets, None, pos, sum(len(e.ids) for row in rows for e in row))
 
 
 def step_micro_batches(
@@ -305,6 +270,6 @@ def step_micro_batches(
     lengths = [len(e.ids) for e in examples]
     if how == "pack":
         groups = pack_micro_batches(lengths, indices, row_len, token_budget)
-        return [collate_pack([[examples[i] for i in row] for row in g], pad_id, row_len) for g in groups]
+        return [collate_pack([[examples[i] for i in row] for row in g], row_len) for g in groups]
     groups = bucket_micro_batches(lengths, indices, token_budget)
     return [collate_bucket([examples[i] for i in g], pad_id) for g in groups]
