@@ -82,7 +82,7 @@ def kernel_tokens(rows, budget: int, pack: bool) -> int:
         if not pack:
             total += len(mb) * max(lengths)
             continue
-        layout = pack_rows(lengths, range(len(mb)), grpo.pack_row_len(max(lengths), budget))
+        layout = pack_rows(lengths, range(len(mb)), max(lengths))  # as grpo.batch_logprobs packs
         total += len(layout) * max(sum(lengths[i] for i in row) for row in layout)
     return total
 

@@ -17,6 +17,7 @@ import random
 import pytest
 import torch
 
+from r1lab.modeling.packing import pack_rows
 from r1lab.modeling.tiny import build_model
 from r1lab.modeling.tokenizer import build_char_tokenizer
 from r1lab.modeling.train_state import make_optimizer, make_scheduler
@@ -166,6 +167,8 @@ def test_packed_sequences_give_the_padded_update(tiny, rl):
     in float32 both paths sit ~1e-6 of each tensor's largest gradient from the float64 one)."""
     model = copy.deepcopy(tiny).double()
     rows = make_rows(12, zero_share=0.25, seed=5)
+    lengths = [len(r.ids) for r in rows]
+    assert len(pack_rows(lengths, range(12), max(lengths))) < 12  # not vacuous: sequences share rows
     ref = copy.deepcopy(model).eval() if rl.get("kl_coef") else None
     packed, _, p_stats, p_grads = run_update(model, rows, config(pack_sequences=True, **rl), ref_model=ref)
     plain, _, s_stats, s_grads = run_update(model, rows, config(pack_sequences=False, **rl), ref_model=ref)

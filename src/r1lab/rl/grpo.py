@@ -100,27 +100,18 @@ def scatter_rows(values: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor
     return out
 
 
-def pack_row_len(longest: int, token_budget: int) -> int:
-    """Row length when packing: room for two of the longest sequences, within the budget.
-
-    Rows much longer than the sequences make attention (computed over the whole row under the
-    block-diagonal mask) cost more than the padding saved; one longest sequence per row leaves
-    most sequences alone in theirs. Twice the longest packed best on the update's benchmark.
-    """
-    return max(longest, min(token_budget, 2 * longest))
-
-
 def micro_batches(rows: list[Rollout], token_budget: int, pack: bool = False) -> list[list[Rollout]]:
     """Cut rows into micro-batches of about `token_budget` model tokens each.
 
-    Packed (`pack`): the rows' sequences are laid end to end, first-fit decreasing, in rows of
-    `pack_row_len` tokens, `token_budget // row_len` rows per micro-batch. Otherwise rows of similar
-    length are grouped so that rows x max_len stays under the budget (right-padded).
+    Packed (`pack`): the sequences are laid end to end, first-fit decreasing, in rows as long as the
+    longest one, `token_budget // longest` rows per micro-batch. Longer rows would hold more short
+    sequences each, but attention runs over the whole row under the block-diagonal mask: twice the
+    longest was no faster at d=256 and slower at d=192 (benchmarks/README.md). Otherwise rows of
+    similar length are grouped so that rows x max_len stays under the budget (right-padded).
     """
     if pack and rows:
         lengths = [len(r.ids) for r in rows]
-        row_len = pack_row_len(max(lengths), token_budget)
-        groups = pack_micro_batches(lengths, range(len(rows)), row_len, token_budget)
+        groups = pack_micro_batches(lengths, range(len(rows)), max(lengths), token_budget)
         return [[rows[i] for row in group for i in row] for group in groups]
     ordered = sorted(rows, key=lambda r: len(r.ids))
     out, cur = [], []
@@ -135,13 +126,12 @@ def micro_batches(rows: list[Rollout], token_budget: int, pack: bool = False) ->
 
 
 def batch_logprobs(
-    model, mb: list[Rollout], ids: torch.Tensor, attn: torch.Tensor, budget: int, pack: bool
+    model, mb: list[Rollout], ids: torch.Tensor, attn: torch.Tensor, pack: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies `[b, L-1]` of a micro-batch in its right-padded layout (`collate`),
     computed on the padded rows or, with `pack`, on packed ones (same values; less padding run)."""
     if pack:
-        longest = max(len(r.ids) for r in mb)
-        return packed_token_logprobs(model, [r.ids for r in mb], pack_row_len(longest, budget))
+        return packed_token_logprobs(model, [r.ids for r in mb], ids.shape[1])  # rows of the longest
     return token_logprobs(model, ids, attn)
 
 
@@ -155,7 +145,7 @@ def completion_logps(
     with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
         for mb in micro_batches(rows, budget, pack):
             ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
-            logp, _ = batch_logprobs(model, mb, ids, attn, budget, pack)  # [b, L-1]
+            logp, _ = batch_logprobs(model, mb, ids, attn, pack)  # [b, L-1]
             for b, r in enumerate(mb):
                 out[id(r)] = logp[b][mask[b].bool()].float()
     return [out[id(r)] for r in rows]
@@ -200,7 +190,7 @@ def policy_update(
                 ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
                 adv = torch.tensor([r.advantage for r in mb], device=dev)  # [b]
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    logp, entropy = batch_logprobs(model, mb, ids, attn, rl.micro_batch_tokens, pack)
+                    logp, entropy = batch_logprobs(model, mb, ids, attn, pack)  # [b, L-1]
                 logp = logp.float()
                 old = (
                     logp.detach() if rl.epochs == 1 else scatter_rows([r.old_logp for r in mb], mask)
