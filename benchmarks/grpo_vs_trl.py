@@ -227,7 +227,7 @@ def r1lab_worker(spec: dict) -> dict:
     timers.wrap(CPUEngine, "sync_weights", "sync_weights")
     timers.wrap(CPUEngine, "generate", "generate")
     timers.wrap(grpo, "score", "reward")
-    timers.wrap(grpo, "token_logprobs", "forward")
+    timers.wrap(grpo, "batch_logprobs", "forward")  # padded or packed: the training forward
     time_training_parts(timers)
     # A step ends when its metrics are logged, so it holds everything: weight sync, rollout, reward,
     # update, statistics. The first one starts at its first rollout (model loading is no part of it).
