@@ -20,8 +20,11 @@ rows is what r1lab's loss path costs; the gap between `model-only` and 100% is t
 Throughput = trained tokens per second (real tokens; `w/ pad` counts the padded tokens the kernels
 ran); FLOPs = 6N per trained token (N = `matmul_params`) against `measure_matmul_peak` for the dtype
 (bf16 = autocast), and per CPU-second against the matmul's FLOPs per CPU-second (`per cpu`: the
-figure to read on a shared machine, with `--threads 1`). Each configuration runs in a child process
-of its own. The last line printed is one JSON object (also `benchmarks/results/train_throughput.json`).
+figure to read on a shared machine, with `--threads 1`). `of local` divides by the peak measured in
+the same child right before and after its timed updates (the faster of the two; `local`, GFLOP/s):
+the machine's speed drifts from minute to minute on shared hosts, so this is the figure that
+compares the update with the matmul peak of the same moment. Each configuration runs in a child
+process of its own. The last line printed is one JSON object (also `benchmarks/results/train_throughput.json`).
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def kernel_tokens(rows, budget: int, pack: bool) -> int:
 def worker(spec: dict) -> dict:
     import torch
 
+    from r1lab.metrics.cost import measure_matmul_peak
     from r1lab.modeling import build_char_tokenizer, build_model, matmul_params
     from r1lab.modeling.train_state import make_optimizer, make_scheduler
     from r1lab.rl import grpo
@@ -137,12 +141,16 @@ def worker(spec: dict) -> dict:
         grpo.policy_update(model, None, opt, sched, rows, cfg, tok.pad_token_id, random.Random(0))
 
     step = model_only if spec["path"] == "model-only" else r1lab_update
+    # The machine's speed drifts (shared hosts): the peak is also measured in this process just
+    # before and after the timed updates, and the faster of the two is this row's `local` peak.
+    local_peaks = [measure_matmul_peak(spec["dtype"], 1.0)]
     clock = Clock()
     for _ in range(spec["warmup"] + spec["iters"]):
         timers.new_step()
         clock.mark()
         step()
     clock.mark()
+    local_peaks.append(measure_matmul_peak(spec["dtype"], 1.0))
     wall, cpu = (x[spec["warmup"] :] for x in clock.durations())
     tokens = sum(len(r.ids) for r in rows)
     return {
@@ -150,6 +158,7 @@ def worker(spec: dict) -> dict:
         "cpu_seconds_per_update": sum(cpu) / len(cpu),
         "tokens": tokens,
         "padded_tokens": padded,
+        "local_peak_flops": max(local_peaks),
         "micro_batches": len(batches),
         "n_params": matmul_params(model),
         "profile": timers.per_step(spec["warmup"], spec["iters"]),
@@ -161,7 +170,7 @@ def run_all(args) -> dict:
     peaks, cpu_peaks, skipped = machine_peaks(args)
     print(
         f"{'size':10} {'dtype':9} {'path':10} {'rows':>4} {'mb tok':>6} {'pad%':>4} {'s/upd':>6} {'cpu s':>6} {'tok/s':>6} "
-        f"{'GFLOP/s':>7} {'of peak':>7} {'w/ pad':>6} {'per cpu':>7}  load"
+        f"{'GFLOP/s':>7} {'of peak':>7} {'w/ pad':>6} {'per cpu':>7} {'of local':>8} {'local':>5}  load"
     )
     configs = []
     for size, dtype, n_rows in itertools.product(args.sizes, args.dtypes, args.rows):
@@ -192,6 +201,8 @@ def digest(spec: dict, r: dict, peak: float, cpu_peak: float) -> dict:
         tokens_per_s=r["tokens"] / s,
         achieved_gflops=flops / s / 1e9,
         fraction_of_peak=flops / s / peak,
+        local_peak_flops=r["local_peak_flops"],
+        fraction_of_local_peak=flops / s / r["local_peak_flops"],
         cpu_seconds_per_update=r["cpu_seconds_per_update"],
         cpu_fraction_of_peak=flops / r["cpu_seconds_per_update"] / cpu_peak,
         padding_fraction=1 - r["tokens"] / r["padded_tokens"],
@@ -207,8 +218,8 @@ def digest(spec: dict, r: dict, peak: float, cpu_peak: float) -> dict:
         f"{spec['size']:10} {spec['dtype']:9} {spec['path']:10} {spec['rows']:4d} {spec['micro_batch_tokens']:6d} "
         f"{out['padding_fraction']:4.0%} "
         f"{s:6.2f} {out['cpu_seconds_per_update']:6.2f} {out['tokens_per_s']:6.0f} {out['achieved_gflops']:7.2f} "
-        f"{out['fraction_of_peak']:7.1%} {out['padded_fraction_of_peak']:6.1%} {out['cpu_fraction_of_peak']:7.1%}  "
-        f"{r['loadavg'][0]:.1f}"
+        f"{out['fraction_of_peak']:7.1%} {out['padded_fraction_of_peak']:6.1%} {out['cpu_fraction_of_peak']:7.1%} "
+        f"{out['fraction_of_local_peak']:8.1%} {r['local_peak_flops'] / 1e9:5.0f}  {r['loadavg'][0]:.1f}"
     )
     return out
 
