@@ -19,7 +19,7 @@ R1LAB="python3 -c 'from r1lab.cli import main; main()'"
 run() { echo "+ $*"; eval "$@"; echo "rc=$?"; }
 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
-run "python3 -m pytest -q -p no:cacheprovider -m gpu tests/integration/test_grpo.py tests/unit/test_modeling.py 2>&1 | tail -15"
+run "python3 -m pytest -q -p no:cacheprovider -m gpu tests/integration/test_grpo.py tests/unit/test_modeling.py tests/unit/test_packing.py 2>&1 | tail -15"
 run "$R1LAB grpo recipes/grpo-arithmetic.yaml device=cuda threads=8 rl.steps=20 eval_every=10 \
   run_dir=$OUT/grpo progress=false > $OUT/grpo.log 2>&1; tail -3 $OUT/grpo.log"
 cp "$OUT/grpo/metrics.jsonl" "$OUT/grpo_metrics.jsonl" 2>/dev/null

@@ -76,3 +76,18 @@ def test_a_model_that_lets_packed_sequences_mix_is_detected():
     wrapped = MaskingWrapper(inner).train()
     assert packing_supported(wrapped) is False
     assert wrapped.training  # the probe restored the mode it found
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packing_on_cuda_equals_padding(attn):
+    """The GPU recipes train packed by default: the probe and the values must hold on CUDA too."""
+    model = build_model("qwen2-4m", TOK, seed=0).to("cuda")
+    model.config._attn_implementation = attn
+    seqs = ragged(9, seed=3)
+    assert packing_supported(model)
+    ids, attn_mask = (t.cuda() for t in padded(seqs))
+    a = token_logprobs(model, ids, attn_mask)[0]
+    b = packed_token_logprobs(model, seqs, row_len=40)[0]
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
