@@ -115,12 +115,12 @@ def packing_supported(model) -> bool:
     cached = getattr(model, "_r1lab_packing_ok", None)
     if cached is not None:
         return cached
-    vocab = model.get_input_embeddings().num_embeddings
-    seqs = [[(7 * k + 3) % vocab for k in range(6)], [(5 * k + 1) % vocab for k in range(4)]]
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()  # no dropout while comparing
     try:
+        vocab = model.get_input_embeddings().num_embeddings
+        seqs = [[(7 * k + 3) % vocab for k in range(6)], [(5 * k + 1) % vocab for k in range(4)]]
         with torch.no_grad():
             packed, _ = packed_token_logprobs(model, seqs, row_len=10)
             ids = torch.tensor([seqs[0], seqs[1] + [0, 0]], device=dev)  # [2, 6]
@@ -131,8 +131,8 @@ def packing_supported(model) -> bool:
             padded, _ = logprobs_and_entropy(logits[:, :-1], ids[:, 1:])  # [2, 5]
             padded = padded.masked_fill(attn[:, 1:] == 0, 0.0)
         ok = bool(torch.allclose(packed.float(), padded.float(), atol=1e-4, rtol=1e-4))
-    except (RuntimeError, ValueError, TypeError):
-        ok = False
+    except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError, IndexError):
+        ok = False  # a model this probe cannot even run is trained padded
     finally:
         model.train(was_training)
     model._r1lab_packing_ok = ok
