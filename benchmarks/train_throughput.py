@@ -116,6 +116,8 @@ def worker(spec: dict) -> dict:
             },
         }
     )
+    if spec.get("compile"):  # an experiment, not a trainer option: see benchmarks/README.md
+        model.forward = torch.compile(model.forward, dynamic=True)  # compiled in the warm-up updates
     timers = StepTimers()  # wrapped before the optimiser exists: the scheduler binds its step method
     timers.wrap(type(model), "forward", "model_forward")
     timers.wrap(grpo, "batch_logprobs", "forward_and_logprobs")
@@ -182,7 +184,7 @@ def run_all(args) -> dict:
             runs.append(("model-only", args.micro_batch_tokens[0]))
         for path, mbt in runs:
             spec = {"size": size, "dtype": dtype, "rows": n_rows, "path": path, "micro_batch_tokens": mbt}
-            spec.update(threads=args.threads, warmup=args.warmup, iters=args.iters)
+            spec.update(threads=args.threads, warmup=args.warmup, iters=args.iters, compile=args.compile)
             log(f"throughput: {size} {dtype} {n_rows} rows {path} micro-batch {mbt} tokens")
             r = run_child(SCRIPT, spec, args.timeout)
             configs.append(digest(spec, r, peaks[dtype], cpu_peaks[dtype]))
@@ -191,8 +193,10 @@ def run_all(args) -> dict:
 
 def digest(spec: dict, r: dict, peak: float, cpu_peak: float) -> dict:
     out = {k: spec[k] for k in ("size", "dtype", "rows", "path", "micro_batch_tokens")}
+    out["compile"] = bool(spec.get("compile"))
+    label = spec["path"] + ("+compile" if out["compile"] else "")
     if "error" in r:
-        print(f"{spec['size']:10} {spec['dtype']:9} {spec['path']:10} error: {r['error']}")
+        print(f"{spec['size']:10} {spec['dtype']:9} {label:10} error: {r['error']}")
         return {**out, "error": r["error"]}
     s = r["seconds_per_update"]
     flops = 6 * r["n_params"] * r["tokens"]
@@ -215,7 +219,7 @@ def digest(spec: dict, r: dict, peak: float, cpu_peak: float) -> dict:
         profile_cpu=r["profile_cpu"],
     )
     print(
-        f"{spec['size']:10} {spec['dtype']:9} {spec['path']:10} {spec['rows']:4d} {spec['micro_batch_tokens']:6d} "
+        f"{spec['size']:10} {spec['dtype']:9} {label:10} {spec['rows']:4d} {spec['micro_batch_tokens']:6d} "
         f"{out['padding_fraction']:4.0%} "
         f"{s:6.2f} {out['cpu_seconds_per_update']:6.2f} {out['tokens_per_s']:6.0f} {out['achieved_gflops']:7.2f} "
         f"{out['fraction_of_peak']:7.1%} {out['padded_fraction_of_peak']:6.1%} {out['cpu_fraction_of_peak']:7.1%} "
@@ -243,6 +247,11 @@ def main(argv=None) -> int:
         "--paths",
         default="r1lab,r1lab-pad,model-only",
         help="r1lab (packed sequences, the default), r1lab-pad (rl.pack_sequences=false), model-only",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model's forward (dynamic shapes); the compile falls in the warm-up updates",
     )
     p.add_argument("--timeout", type=float, default=1200)
     args = p.parse_args(argv)
