@@ -19,6 +19,7 @@ resumed run takes exactly the steps an uninterrupted one would have taken.
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass
 
@@ -347,6 +348,12 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
     dump_config(cfg, run.config_path)
     stream = ProblemStream(train_problems, cfg.seed, position)
     engine = make_engine(cfg, model, tokenizer)
+    if cfg.rl.pack_sequences and not packing_supported(model):
+        print(
+            f"grpo: {type(model).__name__} does not keep packed sequences apart (checked on a probe); "
+            "the update runs on right-padded rows",
+            file=sys.stderr,
+        )
     n_params = matmul_params(model)  # FLOPs: 2N per token forward, 6N trained
     pad_id = tokenizer.pad_token_id
     shuffle_rng = random.Random(cfg.seed)
