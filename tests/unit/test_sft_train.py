@@ -138,3 +138,15 @@ def test_resume_on_changed_data_is_refused(base, traces, tmp_path):
         f.write(json.dumps({"messages": conv(99)}) + "\n")
     with pytest.raises(R1labError, match="data changed"):
         train(cfg, resume=True)
+
+
+def test_packing_is_refused_for_a_model_that_would_mix_sequences(base, traces, tmp_path, monkeypatch):
+    import r1lab.sft.train as sft_train
+
+    monkeypatch.setattr(sft_train, "packing_supported", lambda model: False)  # e.g. a custom forward
+    with pytest.raises(R1labError, match="batching=pack needs a model") as err:
+        train(cfg_for(base, traces, tmp_path / "run", batching="pack"))
+    assert "batching=bucket" in str(err.value)
+    train(cfg_for(base, traces, tmp_path / "run2", max_steps=1))  # bucketing does not need the probe
+    monkeypatch.undo()
+    train(cfg_for(base, traces, tmp_path / "run3", batching="pack", max_steps=1))  # a real model passes

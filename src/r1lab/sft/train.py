@@ -32,6 +32,7 @@ from r1lab.config import R1labError, dump_config
 from r1lab.metrics import RunDir
 from r1lab.metrics.progress import StepProgress
 from r1lab.modeling import load_model, matmul_params, save_checkpoint
+from r1lab.modeling.packing import packing_supported
 from r1lab.modeling.train_state import (
     load_train_state,
     make_optimizer,
@@ -131,6 +132,12 @@ def train(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None) -
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tokenizer = load_model(latest if (resume and latest) else cfg.model, device=device)
+    if cfg.batching == "pack" and not packing_supported(model):
+        raise R1labError(
+            f"{cfg.model}: batching=pack needs a model that keeps packed sequences apart (given position "
+            f"ids and no attention mask); {type(model).__name__} does not (checked on a probe). "
+            "Use batching=bucket"
+        )
     examples, dropped = encode_all(tokenizer, read_conversations(cfg.data), cfg.max_seq_len)
     if not examples:
         raise TraceError(
