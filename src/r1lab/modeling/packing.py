@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from r1lab.modeling.logprobs import _GatherLogSoftmax, logprobs_and_entropy, position_ids_from_mask
+from r1lab.modeling.logprobs import _GatherLogSoftmax, token_logprobs
 
 
 def pack_rows(lengths: Sequence[int], indices: Sequence[int], row_len: int) -> list[list[int]]:
@@ -125,11 +125,7 @@ def packing_supported(model) -> bool:
             packed, _ = packed_token_logprobs(model, seqs, row_len=10)
             ids = torch.tensor([seqs[0], seqs[1] + [0, 0]], device=dev)  # [2, 6]
             attn = torch.tensor([[1] * 6, [1] * 4 + [0, 0]], device=dev)  # [2, 6]
-            logits = model(
-                input_ids=ids, attention_mask=attn, position_ids=position_ids_from_mask(attn), use_cache=False
-            ).logits  # [2, 6, V]
-            padded, _ = logprobs_and_entropy(logits[:, :-1], ids[:, 1:])  # [2, 5]
-            padded = padded.masked_fill(attn[:, 1:] == 0, 0.0)
+            padded, _ = token_logprobs(model, ids, attn)  # [2, 5]
         ok = bool(torch.allclose(packed.float(), padded.float(), atol=1e-4, rtol=1e-4))
     except (RuntimeError, ValueError, TypeError, AttributeError, NotImplementedError, IndexError):
         ok = False  # a model this probe cannot even run is trained padded

@@ -3,8 +3,9 @@
     with serve_in_thread(app) as base_url:      # e.g. "http://127.0.0.1:53121"
         OpenAI(base_url=base_url + "/v1", api_key="x").models.list()
 
-It binds 127.0.0.1 on a free port (bound before uvicorn starts, so nobody can take it between), waits until uvicorn accepts connections (and the engine worker
-has started), and shuts both down on exit.
+It binds 127.0.0.1 on a free port (bound before uvicorn starts, so nobody can take it in between),
+waits until uvicorn accepts connections (and the engine worker has started), and shuts both down on
+exit.
 """
 
 from __future__ import annotations
