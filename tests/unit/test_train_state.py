@@ -14,6 +14,19 @@ def tiny_model() -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
 
 
+def reference_adamw(model: torch.nn.Module, foreach: bool) -> torch.optim.AdamW:
+    """PyTorch's AdamW, not fused, with make_optimizer's groups (decay on matrices only)."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=1e-2,
+        betas=(0.9, 0.99),
+        foreach=foreach,
+    )
+
+
 def step_with_fixed_grads(model: torch.nn.Module, opt: torch.optim.Optimizer, steps: int, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -35,15 +48,7 @@ def test_fused_update_is_adamw():
     """Same groups, same gradients: the fused step agrees with PyTorch's reference (for-loop) AdamW."""
     fused_model, ref_model = tiny_model(), tiny_model()
     fused = make_optimizer(fused_model, 1e-2, 0.1, (0.9, 0.99))
-    ref = torch.optim.AdamW(
-        [
-            {"params": [p for p in ref_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-            {"params": [p for p in ref_model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=1e-2,
-        betas=(0.9, 0.99),
-        foreach=False,
-    )
+    ref = reference_adamw(ref_model, foreach=False)  # the for-loop implementation
     step_with_fixed_grads(fused_model, fused, 5, seed=1)
     step_with_fixed_grads(ref_model, ref, 5, seed=1)
     start = tiny_model()
@@ -55,15 +60,7 @@ def test_fused_update_is_adamw():
 def test_resumes_from_a_checkpoint_of_the_foreach_optimiser():
     """Checkpoints written before the switch (foreach AdamW) load and continue the same run."""
     old_model, new_model = tiny_model(), tiny_model()
-    old = torch.optim.AdamW(
-        [
-            {"params": [p for p in old_model.parameters() if p.dim() >= 2], "weight_decay": 0.1},
-            {"params": [p for p in old_model.parameters() if p.dim() < 2], "weight_decay": 0.0},
-        ],
-        lr=1e-2,
-        betas=(0.9, 0.99),
-        foreach=True,
-    )
+    old = reference_adamw(old_model, foreach=True)  # what make_optimizer built before
     step_with_fixed_grads(old_model, old, 3, seed=2)
     new_model.load_state_dict(old_model.state_dict())
     resumed = make_optimizer(new_model, 1e-2, 0.1, (0.9, 0.99))
