@@ -15,7 +15,11 @@ A GRPO-shaped call (section `rl`): 16 prompts x 8 samples with early stops, r1la
 
 Ablations (fp32; what each lever measured on the 2-core AVX2 box, qwen2-4m / qwen2-34m, CPU tok/s):
   pack        oneDNN-packed fp32 weights vs F.linear (MKL): 2174 vs 2027 / 401 vs 330   -> kept
-  attention   decode attention as two batched matmuls vs F.sdpa(enable_gqa): 2332 vs 2387 /
+  native      decode attention by the C kernel (rollout/native.py) vs PyTorch's two batched matmuls,
+              engine tok/s interleaved in one process (2 threads, quiet box, 2026-11-30): 4476 vs
+              4089 (1.09x) / 990 vs 832 (1.19x); the quickstart's GPT-2 at 128 rows 8545 vs 6913
+              (1.24x)                                                              -> kept
+  attention   (kernel off) two batched matmuls vs F.sdpa(enable_gqa): 2332 vs 2387 /
               405 vs 411, equal within noise                                          -> matmuls kept
   grad_mode   decode_step under inference_mode vs no_grad: 2899 vs 3020 / 537 vs 559,
               equal within noise                                                      -> inference_mode
@@ -47,7 +51,7 @@ import torch.nn.functional as F
 
 from r1lab.modeling import build_model
 from r1lab.modeling.tokenizer import build_char_tokenizer
-from r1lab.rollout import CPUEngine, SamplingParams, kernels
+from r1lab.rollout import CPUEngine, SamplingParams, kernels, native
 
 
 def make_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -163,13 +167,23 @@ def ablations(preset, tok, args) -> dict:
     engine.pack = True
     engine.sync_weights()
 
+    lm = engine._backend.lm
     ab = {}
+    for _ in range(args.reps):
+        for name, on in (("native", True), ("pytorch", False)):
+            lm.native = on  # the C decode-attention kernel (rollout/native.py) or PyTorch's matmuls
+            ab.setdefault(name, []).append(engine_rate(engine, prompts, args.new_tokens, 1))
+    out["native"] = {k: max(v) for k, v in ab.items()}
+    out["native_available"] = native.available()
+
+    ab = {}  # PyTorch formulations of decode attention, the kernel off
     original = kernels.decode_attention
     for _ in range(args.reps):
         for name, fn in (("matmul", original), ("sdpa", sdpa_attention)):
             kernels.decode_attention = fn
             ab.setdefault(name, []).append(engine_rate(engine, prompts, args.new_tokens, 1))
     kernels.decode_attention = original
+    lm.native = True
     out["attention"] = {k: max(v) for k, v in ab.items()}
 
     out["grad_mode"] = grad_modes(engine, args)
