@@ -397,7 +397,7 @@ def decode_step(
     b, hq, hkv, dh = tokens.shape[0], lm.n_heads, lm.n_kv_heads, lm.head_dim
     g = hq // hkv
     n_slots, t_max = k_cache.shape[1], k_cache.shape[3]
-    fused = lm.native and lm.dtype == torch.float32 and native.available()
+    fused = lm.native and native.available()  # fp32 only: other dtypes get None back
     lens = pos + 1  # [B] keys each row attends to, its new one included
     mask = None  # for the PyTorch path: additive, row b sees positions 0..pos[b]; built once
     # Where row b's new key/value goes in the cache flattened to [L*S*H_kv*T_max, D] (layer 0);
@@ -420,8 +420,7 @@ def decode_step(
         att = native.decode_attention(q4, keys, vals, lens, w.scale) if fused else None
         if att is None:
             if mask is None:
-                allowed = torch.arange(n_ctx)[None, :] < lens[:, None]  # [B, T]
-                mask = torch.where(allowed, 0.0, float("-inf")).to(lm.dtype)[:, None, None]  # [B, 1, 1, T]
+                mask = native.length_mask(lens, n_ctx, lm.dtype)  # [B, 1, 1, T]
             att = decode_attention(q4, keys, vals, mask, w.scale)  # [B, H_kv, G, D]
         x = x + _linear(att.reshape(b, hq * dh), w.o_w, w.o_b)  # [B, d]
         x = x + _mlp(lm, w, _norm(x, w.norm2_w, w.norm2_b, lm.eps))  # [B, d]

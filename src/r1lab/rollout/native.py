@@ -92,13 +92,17 @@ def _load(path: Path):
     return fn
 
 
-def reference(q, keys, vals, lens, scale: float) -> torch.Tensor:
-    """The PyTorch computation the kernel replaces: q [B, H, G, D], keys/vals [B, H, T, D], lens [B]."""
-    t = keys.shape[2]
+def length_mask(lens: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, T] for the PyTorch path: row b sees its keys 0..lens[b]-1."""
     allowed = torch.arange(t)[None, :] < lens[:, None]  # [B, T]
-    mask = torch.where(allowed, 0.0, float("-inf")).to(q.dtype)[:, None, None]  # [B, 1, 1, T]
-    scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(scale).add_(mask)  # [B, H, G, T]
-    return torch.matmul(torch.softmax(scores, dim=-1), vals)  # [B, H, G, D]
+    return torch.where(allowed, 0.0, float("-inf")).to(dtype)[:, None, None]  # [B, 1, 1, T]
+
+
+def reference(q, keys, vals, lens, scale: float) -> torch.Tensor:
+    """What the kernel replaces, the engine's PyTorch path: q [B, H, G, D], keys/vals [B, H, T, D]."""
+    from r1lab.rollout.kernels import decode_attention  # kernels imports this module
+
+    return decode_attention(q, keys, vals, length_mask(lens, keys.shape[2], q.dtype), scale)
 
 
 def _probe(fn) -> bool:
