@@ -171,7 +171,7 @@ def ablations(preset, tok, args) -> dict:
     ab = {}
     for _ in range(args.reps):
         for name, on in (("native", True), ("pytorch", False)):
-            lm.native = on  # the C decode-attention kernel (rollout/native.py) or PyTorch's matmuls
+            lm.native = on  # the C decode kernels (rollout/native.py) or the PyTorch path
             ab.setdefault(name, []).append(engine_rate(engine, prompts, args.new_tokens, 1))
     out["native"] = {k: max(v) for k, v in ab.items()}
     out["native_available"] = native.available()

@@ -1,46 +1,91 @@
-"""The optional C decode-attention kernel: same numbers as the PyTorch path, and a clean fallback."""
+"""The optional C decode kernels: same numbers as the PyTorch path they replace, and a clean fallback."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_rollout import TOK, build
 
 from r1lab.rollout import CPUEngine, SamplingParams, kernels, native
 
-needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernel: {native.reason}")
+needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason}")
+CLOSE = dict(atol=1e-5, rtol=1e-4)
 
 
-@needs_kernel
-@pytest.mark.parametrize(("heads", "group", "dim"), [(3, 1, 64), (2, 2, 64), (2, 4, 16), (1, 3, 80)])
-def test_kernel_matches_pytorch_on_the_engines_cache_views(heads, group, dim):
-    gen = torch.Generator().manual_seed(heads * 100 + group)
+def _attend_case(heads, kv_heads, dim, rope, seed=0):
+    """A fused projection, a 3-layer cache like the engine's and ragged positions."""
+    gen = torch.Generator().manual_seed(seed)
     rows, t_max = 6, 50
-    cache = torch.randn(2, 3, rows, heads, t_max, dim, generator=gen)  # [K/V, L, S, H_kv, T_max, D]
-    lens = torch.tensor([1, 41, 17, 41, 2, 30])
-    n_ctx = int(lens.max())
-    keys, vals = cache[0, 1, :, :, :n_ctx], cache[1, 1, :, :, :n_ctx]  # strided, as in decode_step
-    q = torch.randn(rows, heads, group, dim, generator=gen)
-    got = native.decode_attention(q, keys, vals, lens, 0.125)
-    torch.testing.assert_close(got, native.reference(q, keys, vals, lens, 0.125), atol=1e-5, rtol=1e-4)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * dim, generator=gen)
+    cache = torch.randn(2, 3, rows + 2, kv_heads, t_max, dim, generator=gen)  # [K/V, L, S, H_kv, T, D]
+    pos = torch.tensor([0, 40, 16, 40, 1, 29])
+    tables = (torch.randn(t_max, dim // 2, generator=gen), torch.randn(t_max, dim // 2, generator=gen))
+    return qkv, cache, pos, tables if rope else (None, None)
 
 
 @needs_kernel
-def test_kernel_ignores_keys_past_each_rows_length():
-    q, keys, vals = torch.randn(2, 1, 1, 8), torch.randn(2, 1, 10, 8), torch.randn(2, 1, 10, 8)
-    lens = torch.tensor([4, 10])
-    before = native.decode_attention(q, keys, vals, lens, 1.0)
-    keys[0, :, 4:] = float("nan")  # row 0 must never read these
-    vals[0, :, 4:] = float("nan")
-    torch.testing.assert_close(native.decode_attention(q, keys, vals, lens, 1.0), before)
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "rope"),
+    [(4, 2, 64, True), (3, 3, 64, False), (8, 2, 16, True), (3, 1, 80, True), (2, 2, 8, False)],
+)
+def test_attend_matches_pytorch_and_writes_the_same_cache(heads, kv_heads, dim, rope):
+    qkv, cache, pos, (cos, sin) = _attend_case(heads, kv_heads, dim, rope)
+    rot = (cos[pos][:, None], sin[pos][:, None]) if rope else None  # what kernels._rotation gives
+    ref_cache = cache.clone()
+    ref = kernels._attend(qkv, rot, pos, ref_cache[0, 1], ref_cache[1, 1], heads, kv_heads, 0.125)
+    got = native.attend(qkv, cos, sin, pos, cache[0, 1], cache[1, 1], heads, kv_heads, 0.125)
+    torch.testing.assert_close(got, ref, **CLOSE)
+    torch.testing.assert_close(cache, ref_cache, **CLOSE)  # the new keys/values, nothing else
 
 
 @needs_kernel
-def test_bad_lengths_are_refused():
-    q, kv = torch.randn(2, 1, 1, 8), torch.randn(2, 1, 5, 8)
-    for lens in (torch.tensor([0, 3]), torch.tensor([3, 6])):
-        with pytest.raises(ValueError, match="lens"):
-            native.decode_attention(q, kv, kv, lens, 1.0)
+def test_attend_ignores_positions_past_each_row():
+    qkv, cache, pos, (cos, sin) = _attend_case(4, 2, 16, True)
+    k, v = cache[0, 0], cache[1, 0]
+    before = native.attend(qkv, cos, sin, pos, k, v, 4, 2, 1.0)
+    k[0, :, 1:], v[0, :, 1:] = float("nan"), float("nan")  # row 0 (position 0) must never read these
+    k[2, :, 17:], v[2, :, 17:] = float("nan"), float("nan")  # row 2 is at position 16
+    torch.testing.assert_close(native.attend(qkv, cos, sin, pos, k, v, 4, 2, 1.0), before)
+
+
+@needs_kernel
+def test_attend_refuses_bad_positions_and_shapes_without_writing():
+    qkv, cache, pos, (cos, sin) = _attend_case(4, 2, 16, True)
+    before = cache.clone()
+    for bad in (torch.tensor([0, 1, 2, 3, 4, -1]), torch.tensor([0, 1, 2, 3, 4, 50])):
+        with pytest.raises(ValueError, match="position"):
+            native.attend(qkv, cos, sin, bad, cache[0, 0], cache[1, 0], 4, 2, 1.0)
+    with pytest.raises(ValueError, match="head layout"):
+        native.attend(qkv, cos, sin, pos, cache[0, 0], cache[1, 0], 2, 2, 1.0)
+    with pytest.raises(TypeError, match="fp32"):
+        native.attend(qkv.double(), cos, sin, pos, cache[0, 0], cache[1, 0], 4, 2, 1.0)
+    assert torch.equal(cache, before)
+
+
+@needs_kernel
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_add_norm_adds_in_place_then_normalises(layer_norm):
+    gen = torch.Generator().manual_seed(1)
+    x, delta = torch.randn(5, 96, generator=gen) * 3, torch.randn(5, 96, generator=gen)
+    w = torch.randn(96, generator=gen)
+    b = torch.randn(96, generator=gen) if layer_norm else None
+    want_x = x + delta
+    got = native.add_norm(x, delta, w, b, 1e-6)
+    torch.testing.assert_close(x, want_x)  # the residual stream is updated in place
+    torch.testing.assert_close(got, kernels._norm(want_x, w, b, 1e-6), **CLOSE)
+    torch.testing.assert_close(native.add_norm(x.clone(), None, w, b, 1e-6), got, **CLOSE)
+
+
+@needs_kernel
+def test_activations_match_pytorch_over_a_wide_range():
+    u = torch.linspace(-120, 120, 4 * 2 * 1001).reshape(4, 2 * 1001)  # saturates exp both ways
+    gate, up = u.chunk(2, dim=-1)
+    torch.testing.assert_close(native.swiglu(u.contiguous()), F.silu(gate) * up, **CLOSE)
+    want = F.gelu(u, approximate="tanh")
+    torch.testing.assert_close(native.gelu_tanh_(u.clone()), want, **CLOSE)
+    small = torch.linspace(-3, 3, 601)
+    torch.testing.assert_close(native.gelu_tanh_(small.clone()), F.gelu(small, approximate="tanh"), **CLOSE)
 
 
 @needs_kernel
@@ -61,7 +106,7 @@ def test_engine_greedy_tokens_are_the_same_with_and_without_the_kernel(arch):
 def fresh_native(monkeypatch, tmp_path):
     """The module as if never used in this process, building into an empty cache."""
     monkeypatch.setattr(native, "_tried", False)
-    monkeypatch.setattr(native, "_fn", None)
+    monkeypatch.setattr(native, "_lib", None)
     monkeypatch.setattr(native, "reason", None)
     monkeypatch.setenv("R1LAB_CACHE", str(tmp_path))
     return native
@@ -71,8 +116,8 @@ def test_disabled_by_environment_falls_back_to_pytorch(fresh_native, monkeypatch
     monkeypatch.setenv("R1LAB_NATIVE", "0")
     assert not fresh_native.available()
     assert "R1LAB_NATIVE=0" in fresh_native.reason
-    q, kv = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 4, 8)
-    assert fresh_native.decode_attention(q, kv, kv, torch.tensor([4]), 1.0) is None
+    with pytest.raises(RuntimeError, match="R1LAB_NATIVE=0"):
+        fresh_native.swiglu(torch.randn(2, 8))
     model = build("qwen2")
     lm = kernels.lean_from_hf(model, torch.float32)
     kernels.ensure_rope(lm, 8)
@@ -87,3 +132,10 @@ def test_missing_compiler_is_a_reason_not_an_error(fresh_native, monkeypatch, tm
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     assert not fresh_native.available()
     assert "could not build" in fresh_native.reason
+
+
+def test_a_kernel_that_disagrees_with_pytorch_is_not_used(fresh_native, monkeypatch):
+    wrong = kernels._norm
+    monkeypatch.setattr(kernels, "_norm", lambda x, w, b, eps: wrong(x, w, b, eps) + 1e-2)
+    assert not fresh_native.available()
+    assert "disagreed" in fresh_native.reason and "add_norm" in fresh_native.reason

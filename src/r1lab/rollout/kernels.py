@@ -11,9 +11,10 @@ calls per layer:
   logits at each prompt's last position and every layer's keys/values for the engine to cache.
 * `decode_step(lm, cache, tokens, pos, n_ctx)` advances `B` rows by one token each. Row `b` writes
   its key/value at `pos[b]` of its own cache slot and attends to positions `0..pos[b]`, so rows of
-  different lengths share one batch instead of padding the prompts. That attention runs in the C
-  kernel of `native.py` where it could be built (fp32; 1.8-2x faster than PyTorch's matmuls at these
-  shapes), else as two batched matmuls under an additive mask (`decode_attention`).
+  different lengths share one batch instead of padding the prompts. In fp32, everything between
+  the matmuls (norms, RoPE, cache writes, attention, activation) runs in the C kernels of
+  `native.py` where they could be built (~1.3x faster decode steps at qwen2-4m's shape); otherwise
+  in PyTorch (`_attend`, `decode_attention`), which is also what the kernels are checked against.
 
 The cache is preallocated by the engine: `k, v: [L, S, H_kv, T_max, D]` (S row slots). Head-major
 rows make `cache[l, :B, :, :T]` a strided view that batched matmul reads without a copy.
@@ -86,7 +87,7 @@ class LeanModel:
     dtype: torch.dtype
     cos: torch.Tensor | None = None  # [T_table, D/2], filled by `ensure_rope`
     sin: torch.Tensor | None = None  # [T_table, D/2]
-    native: bool = True  # decode attention by the C kernel where it is available (`native.py`)
+    native: bool = True  # decode steps through the C kernels where available (`native.py`)
 
     @property
     def n_layers(self) -> int:
@@ -367,6 +368,12 @@ def prefill(lm: LeanModel, tokens: torch.Tensor, seq_lens: list[int]):
     return _logits(lm, x[ends]), kv
 
 
+def _length_mask(lens: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, 1, T]: row b sees its keys 0..lens[b]-1."""
+    allowed = torch.arange(t)[None, :] < lens[:, None]  # [B, T]
+    return torch.where(allowed, 0.0, float("-inf")).to(dtype)[:, None, None]  # [B, 1, 1, T]
+
+
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -381,6 +388,30 @@ def decode_attention(
     return torch.matmul(probs, vals)  # [B, H_kv, G, D]
 
 
+def _attend(qkv, rot, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int, scale: float, mask=None):
+    """RoPE, cache write and attention of one new token per row, in PyTorch (`native.attend` in C).
+
+    qkv [B, (H + 2 H_kv) * D]; rot from `_rotation(lm, pos)` or None; pos [B]; k_cache/v_cache
+    [S, H_kv, T_max, D], one layer's cache, written at [b, :, pos[b]]; mask from `_length_mask` for
+    `pos + 1` (built here if not given). Returns [B, H * D].
+    """
+    b, dh = qkv.shape[0], k_cache.shape[-1]
+    qkv = qkv.view(b, n_heads + 2 * n_kv_heads, dh)  # [B, H + 2*H_kv, D]
+    # q and k heads are adjacent in the fused projection: one rotation covers both.
+    qk = qkv[:, : n_heads + n_kv_heads]  # [B, H + H_kv, D]
+    if rot is not None:
+        qk = _rope(qk, *rot)
+    rows = torch.arange(b)
+    k_cache[rows, :, pos] = qk[:, n_heads:]  # [B, H_kv, D] into each row's own position
+    v_cache[rows, :, pos] = qkv[:, n_heads + n_kv_heads :]
+    if mask is None:
+        mask = _length_mask(pos + 1, int(pos.max()) + 1, qkv.dtype)
+    n_ctx = mask.shape[-1]
+    q = qk[:, :n_heads].reshape(b, n_kv_heads, n_heads // n_kv_heads, dh)  # [B, H_kv, G, D]
+    att = decode_attention(q, k_cache[:b, :, :n_ctx], v_cache[:b, :, :n_ctx], mask, scale)
+    return att.reshape(b, n_heads * dh)  # [B, H * D]
+
+
 def decode_step(
     lm: LeanModel,
     k_cache: torch.Tensor,
@@ -393,35 +424,41 @@ def decode_step(
 
     k_cache, v_cache [L, S, H_kv, T_max, D]; tokens [B] are the rows' last tokens, pos [B] their
     positions (= tokens already cached); n_ctx = max(pos) + 1 bounds the attention span.
+    In fp32 with the C kernels available (`lm.native`), everything between the matmuls runs there;
+    otherwise in PyTorch. The two agree to float rounding (tests/unit/test_native.py).
     """
-    b, hq, hkv, dh = tokens.shape[0], lm.n_heads, lm.n_kv_heads, lm.head_dim
-    g = hq // hkv
-    n_slots, t_max = k_cache.shape[1], k_cache.shape[3]
-    fused = lm.native and native.available()  # fp32 only: other dtypes get None back
-    lens = pos + 1  # [B] keys each row attends to, its new one included
-    mask = None  # for the PyTorch path: additive, row b sees positions 0..pos[b]; built once
-    # Where row b's new key/value goes in the cache flattened to [L*S*H_kv*T_max, D] (layer 0);
-    # layer i is the same plus i * S*H_kv*T_max. One index_copy_ per layer, no per-row Python.
-    heads = torch.arange(hkv)  # [H_kv]
-    slot0 = ((torch.arange(b)[:, None] * hkv + heads[None]) * t_max + pos[:, None]).view(-1)  # [B*H_kv]
-    layer_stride = n_slots * hkv * t_max
-    k_flat, v_flat = k_cache.view(-1, dh), v_cache.view(-1, dh)  # [L*S*H_kv*T_max, D]
+    if lm.native and lm.dtype == torch.float32 and native.available():
+        return _decode_step_native(lm, k_cache, v_cache, tokens, pos)
     x = _embed(lm, tokens, pos)  # [B, d]
     rot = _rotation(lm, pos)
+    mask = _length_mask(pos + 1, n_ctx, lm.dtype)  # [B, 1, 1, T], shared by the layers
     for i, w in enumerate(lm.layers):
-        h = _norm(x, w.norm1_w, w.norm1_b, lm.eps)  # [B, d]
-        q, k, v = _qkv(lm, w, h, rot)  # [B, H, D], [B, H_kv, D], [B, H_kv, D]
-        idx = slot0 + i * layer_stride  # [B*H_kv]
-        k_flat.index_copy_(0, idx, k.reshape(b * hkv, dh))
-        v_flat.index_copy_(0, idx, v.reshape(b * hkv, dh))
-        keys = k_cache[i, :b, :, :n_ctx]  # [B, H_kv, T, D] (strided view, no copy)
-        vals = v_cache[i, :b, :, :n_ctx]  # [B, H_kv, T, D]
-        q4 = q.reshape(b, hkv, g, dh)  # [B, H_kv, G, D]
-        att = native.decode_attention(q4, keys, vals, lens, w.scale) if fused else None
-        if att is None:
-            if mask is None:
-                mask = native.length_mask(lens, n_ctx, lm.dtype)  # [B, 1, 1, T]
-            att = decode_attention(q4, keys, vals, mask, w.scale)  # [B, H_kv, G, D]
-        x = x + _linear(att.reshape(b, hq * dh), w.o_w, w.o_b)  # [B, d]
+        qkv = _linear(_norm(x, w.norm1_w, w.norm1_b, lm.eps), w.qkv_w, w.qkv_b)  # [B, (H + 2*H_kv) * D]
+        att = _attend(qkv, rot, pos, k_cache[i], v_cache[i], lm.n_heads, lm.n_kv_heads, w.scale, mask)
+        x = x + _linear(att, w.o_w, w.o_b)  # [B, d]
         x = x + _mlp(lm, w, _norm(x, w.norm2_w, w.norm2_b, lm.eps))  # [B, d]
     return _logits(lm, x)
+
+
+def _decode_step_native(lm: LeanModel, k_cache, v_cache, tokens, pos) -> torch.Tensor:
+    """`decode_step` with the C kernels: per layer three matmuls' worth of oneDNN and four C calls."""
+    x = _embed(lm, tokens, pos)  # [B, d], a fresh tensor: the residual stream, updated in place
+    first = lm.layers[0]
+    h = native.add_norm(x, None, first.norm1_w, first.norm1_b, lm.eps)  # [B, d]
+    for i, w in enumerate(lm.layers):
+        qkv = _linear(h, w.qkv_w, w.qkv_b)  # [B, (H + 2*H_kv) * D]
+        att = native.attend(
+            qkv, lm.cos, lm.sin, pos, k_cache[i], v_cache[i], lm.n_heads, lm.n_kv_heads, w.scale
+        )
+        h = native.add_norm(x, _linear(att, w.o_w, w.o_b), w.norm2_w, w.norm2_b, lm.eps)  # x += attn out
+        u = _linear(h, w.up_w, w.up_b)  # [B, F] or [B, 2F]
+        if lm.act == "swiglu":
+            u = native.swiglu(u)  # [B, F]
+        elif lm.act == "gelu_tanh":
+            u = native.gelu_tanh_(u)
+        else:
+            u = F.gelu(u)
+        nxt = lm.layers[i + 1] if i + 1 < lm.n_layers else None
+        norm_w, norm_b = (nxt.norm1_w, nxt.norm1_b) if nxt else (lm.final_w, lm.final_b)
+        h = native.add_norm(x, _linear(u, w.down_w, w.down_b), norm_w, norm_b, lm.eps)  # x += MLP out
+    return _linear(h, lm.lm_head).float()  # [B, V] (h is the final norm of x)

@@ -1,22 +1,27 @@
-"""A fused decode-attention kernel in C, built with the system compiler at first use; optional.
+"""The decode step's non-matmul work in C, built with the system compiler at first use; optional.
 
-Why: at decode, each row's new query meets only its own cached keys, so attention is B x H_kv tiny
-products ([G, D] x [D, T]) that PyTorch runs as two batched matmuls plus a mask, a scale and a
-softmax over [B, H_kv, G, T]. Measured on the 2-core AVX2 CPU (2 threads, 31-90 cached
-positions, four layers' caches in turn): 1.62 ms per layer for the quickstart's GPT-2 shape (128
-rows, 3 heads, no GQA) and 0.73 ms for qwen2-4m's (64 rows, GQA 2), against 0.90 and 0.37 ms for
-this kernel; whole rollouts 1.09-1.24x faster (benchmarks/rollout_vs_hf.py, ablation `native`).
-It reads each row's keys and values once, only up to the row's own length, with no mask and no
-intermediate tensors. Nothing in PyTorch does this on a CPU: `scaled_dot_product_attention` with
-the per-row mask was slower than the two matmuls here.
+Why: at decode each row adds one token, so between the matmuls the engine works on tiny tensors
+([64, 256] for qwen2-4m), and PyTorch spends more on dispatch and on passes over memory than on
+arithmetic (RMSNorm is six kernels; RoPE, the two cache writes and a masked softmax over
+[B, H_kv, G, T] are a dozen more). `csrc/decode.c` does that work in four calls per layer:
 
-How: `csrc/decode_attention.c` is compiled once per machine (`cc -O3 -march=native -fopenmp`)
-into `~/.cache/r1lab/kernels/` (or `$R1LAB_CACHE`), loaded with ctypes (which releases the GIL
-during the call), and checked against the PyTorch path on a probe before first use. OpenMP is
-PyTorch's own libgomp, already loaded by `import torch`, so the kernel shares its thread pool and
-uses `torch.get_num_threads()` threads. Anything missing (no compiler, a build or probe failure,
-`R1LAB_NATIVE=0`, a dtype other than fp32) leaves `available()` False with a reason, and the
-engine runs the PyTorch path; results agree to float rounding (tests/unit/test_native.py).
+* `attend`: RoPE of the new queries and keys, the key/value written into the cache, and attention
+  of each row over its own cached positions only (no mask; rows never read past their length);
+* `add_norm`: the residual add and the next RMSNorm/LayerNorm in one pass;
+* `swiglu` / `gelu_tanh`: the MLP's activation (exp by a vectorised polynomial, ~2e-7 relative).
+
+The matmuls stay in oneDNN. Measured on the 2-core AVX2 CPU (2 threads), decode steps of qwen2-4m at
+64 rows: see benchmarks/README.md ("Where the time goes") and `rollout_vs_hf.py --sections
+ablations` (`native` against the PyTorch path, engine A/B in one process).
+
+How: the source is compiled once per machine (`cc -O3 -march=native -fno-trapping-math -fopenmp`)
+into `~/.cache/r1lab/kernels/` (or `$R1LAB_CACHE`), keyed by source, compiler, flags and CPU, loaded
+with ctypes (which releases the GIL during calls), and every function is checked against the
+PyTorch code it replaces (kernels.py) on a probe before first use. OpenMP is PyTorch's own libgomp,
+already loaded by `import torch`, so the kernels share its thread pool and use
+`torch.get_num_threads()` threads. Anything missing (no compiler, a build or probe failure,
+`R1LAB_NATIVE=0`) leaves `available()` False with a `reason`, and the engine runs the PyTorch path
+(fp32 only: other dtypes always do); results agree to float rounding (tests/unit/test_native.py).
 """
 
 from __future__ import annotations
@@ -33,11 +38,12 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+SOURCE = Path(__file__).with_name("csrc") / "decode.c"
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 
-_lock = threading.Lock()
-_fn = None  # the loaded C function once built and probed
+_lock = threading.RLock()  # re-entered by the probe, which calls the kernels it checks
+_lib = None  # the loaded library once built and probed
+_candidate = None  # the library while its probe runs (seen only by the probing thread)
 _tried = False
 reason: str | None = None  # why the kernel is unavailable (None while untried or when available)
 
@@ -65,7 +71,7 @@ def _build() -> Path:
         raise RuntimeError("no C compiler (cc or gcc) on PATH")
     src = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(FLAGS).encode(), _cpu_tag().encode()]))
-    target = cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -85,89 +91,166 @@ def _build() -> Path:
 
 
 def _load(path: Path):
-    fn = ctypes.CDLL(str(path)).r1lab_decode_attention
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, ptr, ptr, ptr, ptr, *[i64] * 14, ctypes.c_float, ctypes.c_int]
-    fn.restype = None
-    return fn
+    lib = ctypes.CDLL(str(path))
+    ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    signatures = {
+        "r1lab_attend": (
+            [ptr, i64, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, ptr, *[i64] * 5, f32, c_int],
+            c_int,
+        ),
+        "r1lab_add_norm": ([ptr, ptr, ptr, ptr, ptr, i64, i64, f32, c_int, c_int], None),
+        "r1lab_swiglu": ([ptr, ptr, i64, i64, c_int], None),
+        "r1lab_gelu_tanh": ([ptr, i64, c_int], None),
+    }
+    for name, (args, res) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+    return lib
 
 
-def length_mask(lens: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [B, 1, 1, T] for the PyTorch path: row b sees its keys 0..lens[b]-1."""
-    allowed = torch.arange(t)[None, :] < lens[:, None]  # [B, T]
-    return torch.where(allowed, 0.0, float("-inf")).to(dtype)[:, None, None]  # [B, 1, 1, T]
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
 
 
-def reference(q, keys, vals, lens, scale: float) -> torch.Tensor:
-    """What the kernel replaces, the engine's PyTorch path: q [B, H, G, D], keys/vals [B, H, T, D]."""
-    from r1lab.rollout.kernels import decode_attention  # kernels imports this module
+def _check(name: str, *tensors: torch.Tensor | None) -> None:
+    for x in tensors:
+        if x is not None and (x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1):
+            raise TypeError(f"native.{name}: needs fp32 CPU tensors with unit stride on the last dim")
 
-    return decode_attention(q, keys, vals, length_mask(lens, keys.shape[2], q.dtype), scale)
+
+def attend(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int, scale: float):
+    """RoPE, cache write and attention for one new token per row; returns [B, n_heads * D].
+
+    qkv [B, (H + 2 H_kv) * D]: the fused projection (q heads, then k, then v); cos/sin [T, D/2] or
+    None (no RoPE); pos [B] int64, each row's new position; k_cache/v_cache [S, H_kv, T_max, D], one
+    layer's cache (the engine's `cache[i]`), written at `[b, :, pos[b]]`. Row b's query heads
+    `hk*G .. hk*G+G-1` attend to positions `0..pos[b]` of key head hk. Same as `kernels._attend`.
+    """
+    lib = _need()
+    _check("attend", qkv, cos, sin, k_cache, v_cache)
+    b, d = qkv.shape[0], k_cache.shape[-1]
+    if qkv.shape[1] != (n_heads + 2 * n_kv_heads) * d or k_cache.stride() != v_cache.stride():
+        raise ValueError("native.attend: qkv and the caches do not match the head layout")
+    if k_cache.shape[1] != n_kv_heads or k_cache.shape[0] < b or n_heads % n_kv_heads:
+        raise ValueError("native.attend: caches must be [S >= B, H_kv, T_max, D]")
+    pos = pos.to(torch.int64).contiguous()
+    out = torch.empty(b, n_heads * d, dtype=torch.float32)
+    rc = lib.r1lab_attend(
+        qkv.data_ptr(), qkv.stride(0), _ptr(cos), _ptr(sin), pos.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3], out.data_ptr(),
+        b, n_heads, n_kv_heads, d, k_cache.shape[2], scale, torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise ValueError(f"native.attend: every position must be in [0, {k_cache.shape[2]}) (the cache)")
+    return out
 
 
-def _probe(fn) -> bool:
-    """The kernel against `reference` on strided views like the engine's, ragged lengths, GQA."""
+def add_norm(x, delta, w, b, eps: float) -> torch.Tensor:
+    """`x += delta` in place (delta may be None), then the norm of x: LayerNorm when `b` is given,
+    else RMSNorm (`kernels._norm`'s rule). x, delta [B, d] contiguous; returns [B, d]."""
+    lib = _need()
+    _check("add_norm", x, delta, w, b)
+    if not x.is_contiguous() or (delta is not None and (delta.shape != x.shape or not delta.is_contiguous())):
+        raise ValueError("native.add_norm: x and delta must be contiguous [B, d] of one shape")
+    out = torch.empty_like(x)
+    n, d = x.shape
+    lib.r1lab_add_norm(
+        x.data_ptr(), _ptr(delta), w.data_ptr(), _ptr(b), out.data_ptr(), n, d, eps, int(b is not None),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def swiglu(u) -> torch.Tensor:
+    """u [B, 2F] (gate | up, contiguous) -> silu(gate) * up [B, F]."""
+    lib = _need()
+    _check("swiglu", u)
+    n, f2 = u.shape
+    if not u.is_contiguous() or f2 % 2:
+        raise ValueError("native.swiglu: needs a contiguous [B, 2F] tensor")
+    out = torch.empty(n, f2 // 2, dtype=torch.float32)
+    lib.r1lab_swiglu(u.data_ptr(), out.data_ptr(), n, f2 // 2, torch.get_num_threads())
+    return out
+
+
+def gelu_tanh_(u) -> torch.Tensor:
+    """GELU with the tanh approximation, in place on a contiguous tensor; returns it."""
+    lib = _need()
+    _check("gelu_tanh_", u)
+    if not u.is_contiguous():
+        raise ValueError("native.gelu_tanh_: needs a contiguous tensor")
+    lib.r1lab_gelu_tanh(u.data_ptr(), u.numel(), torch.get_num_threads())
+    return u
+
+
+def _probe() -> str | None:
+    """Each kernel against the PyTorch code it replaces; the first disagreement, or None."""
+    from r1lab.rollout import kernels  # kernels imports this module
+
     gen = torch.Generator().manual_seed(0)
-    cache = torch.randn(2, 5, 2, 40, 16, generator=gen)  # [K/V, S, H, T_max, D]
-    q = torch.randn(5, 2, 3, 16, generator=gen)
-    lens = torch.tensor([1, 7, 33, 24, 33])
-    keys, vals = cache[0, :, :, :33], cache[1, :, :, :33]
-    got = _call(fn, q, keys, vals, lens, 0.25)
-    return bool(torch.allclose(got, reference(q, keys, vals, lens, 0.25), atol=1e-5, rtol=1e-4))
+    close = dict(atol=1e-5, rtol=1e-4)
+    for heads, kv_heads, rope in ((6, 2, True), (3, 3, False)):
+        d, t_max, rows = 16, 40, 5
+        qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=gen)
+        cache = torch.randn(2, rows + 1, kv_heads, t_max, d, generator=gen)  # [K/V, S, H_kv, T, D]
+        pos = torch.tensor([0, 6, 32, 23, 39])
+        cos, sin = torch.randn(t_max, d // 2, generator=gen), torch.randn(t_max, d // 2, generator=gen)
+        rot = (cos[pos][:, None], sin[pos][:, None]) if rope else None  # as kernels._rotation
+        ref_cache = cache.clone()
+        ref = kernels._attend(qkv, rot, pos, ref_cache[0], ref_cache[1], heads, kv_heads, 0.25)
+        tables = (cos, sin) if rope else (None, None)
+        got = attend(qkv, *tables, pos, cache[0], cache[1], heads, kv_heads, 0.25)
+        if not (torch.allclose(got, ref, **close) and torch.allclose(cache, ref_cache, **close)):
+            return f"attend (rope={rope})"
+    x, delta = torch.randn(3, 24, generator=gen), torch.randn(3, 24, generator=gen)
+    w, b = torch.randn(24, generator=gen), torch.randn(24, generator=gen)
+    for bias in (None, b):
+        x_ref = x + delta
+        got = add_norm(x.clone().add_(0), delta, w, bias, 1e-5)
+        if not torch.allclose(got, kernels._norm(x_ref, w, bias, 1e-5), **close):
+            return f"add_norm ({'LayerNorm' if bias is not None else 'RMSNorm'})"
+    u = torch.randn(4, 40, generator=gen) * 6
+    gate, up = u.chunk(2, dim=-1)
+    if not torch.allclose(swiglu(u), torch.nn.functional.silu(gate) * up, **close):
+        return "swiglu"
+    if not torch.allclose(gelu_tanh_(u.clone()), torch.nn.functional.gelu(u, approximate="tanh"), **close):
+        return "gelu_tanh"
+    return None
 
 
 def _get():
-    global _fn, _tried, reason
+    global _lib, _candidate, _tried, reason
     if _tried:
-        return _fn
+        return _lib
     with _lock:
+        if _candidate is not None:  # the probe calling a kernel (other threads wait on the lock)
+            return _candidate
         if not _tried:
             if os.environ.get("R1LAB_NATIVE", "1") == "0":
                 reason = "disabled by R1LAB_NATIVE=0"
             else:
                 try:
-                    fn = _load(_build())
-                    if _probe(fn):
-                        _fn = fn
+                    _candidate = _load(_build())
+                    failed = _probe()
+                    if failed:
+                        reason = f"the built kernels disagreed with PyTorch on the probe: {failed}"
                     else:
-                        reason = "the built kernel disagreed with PyTorch on the probe"
+                        _lib = _candidate
                 except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
-                    reason = f"could not build the native kernel: {e}"
+                    reason = f"could not build the native kernels: {e}"
+                finally:
+                    _candidate = None
             _tried = True
-    return _fn
+    return _lib
+
+
+def _need():
+    lib = _get()
+    if lib is None:
+        raise RuntimeError(f"the native kernels are not available: {reason}")
+    return lib
 
 
 def available() -> bool:
-    """Whether the kernel is built, loaded and probed (builds it on the first call)."""
+    """Whether the kernels are built, loaded and probed (builds them on the first call)."""
     return _get() is not None
-
-
-def _call(fn, q, keys, vals, lens, scale: float) -> torch.Tensor:
-    b, h, g, d = q.shape
-    t = keys.shape[2]
-    out = torch.empty(b, h, g, d, dtype=torch.float32)
-    fn(
-        q.data_ptr(), keys.data_ptr(), vals.data_ptr(), lens.data_ptr(), out.data_ptr(),
-        b, h, g, d, t, *q.stride()[:3], *keys.stride()[:3], *vals.stride()[:3],
-        scale, torch.get_num_threads(),
-    )  # fmt: skip
-    return out
-
-
-def decode_attention(q, keys, vals, lens, scale: float) -> torch.Tensor | None:
-    """Fused attention of one query per row, or None where the kernel cannot run these tensors.
-
-    q [B, H, G, D] and keys/vals [B, H, T, D] fp32 CPU with unit stride on D (the engine's cache
-    views are); lens [B] int64, 1 <= lens[b] <= T: row b attends to its keys 0..lens[b]-1.
-    Returns [B, H, G, D].
-    """
-    fn = _get()
-    if fn is None:
-        return None
-    tensors = (q, keys, vals)
-    if any(x.dtype != torch.float32 or x.device.type != "cpu" or x.stride(-1) != 1 for x in tensors):
-        return None
-    lens = lens.to(torch.int64).contiguous()
-    if lens.numel() != q.shape[0] or int(lens.min()) < 1 or int(lens.max()) > keys.shape[2]:
-        raise ValueError("decode_attention: every row needs 1 <= lens[b] <= T")
-    return _call(fn, q, keys, vals, lens, scale)

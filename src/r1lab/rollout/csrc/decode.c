@@ -1,0 +1,216 @@
+/* The CPU engine's decode step between its matmuls, fused: fp32, one new token per row.
+ *
+ * PyTorch runs each of these as several small kernels with a pass over memory and a dispatch each
+ * (RMSNorm alone is six); at decode shapes ([64, 256] activations) that overhead is as large as the
+ * arithmetic. The matmuls stay in oneDNN (kernels.py); everything between them is here:
+ *
+ *   r1lab_attend     RoPE of q and k, the new k/v written into the cache, attention over the row's
+ *                    own cached positions (no mask: rows never read past their length)
+ *   r1lab_add_norm   x += delta, then RMSNorm or LayerNorm of x (residual add + the next norm)
+ *   r1lab_swiglu     silu(gate) * up from the fused gate/up projection
+ *   r1lab_gelu_tanh  GPT-2's tanh-approximated GELU
+ *
+ * Built at first use by r1lab/rollout/native.py with the system C compiler (-O3 -march=native
+ * -fopenmp) and checked there against the PyTorch path it replaces (kernels.py); see that module.
+ * OpenMP is PyTorch's own libgomp, so the thread pool is shared.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* exp(x) for float, vectorisable (libm's expf is a scalar call): x = n ln2 + r, |r| <= ln2/2,
+ * exp(r) by Cephes' degree-7 polynomial, 2^n by building the exponent bits. Relative error ~2e-7
+ * over the range used here; inputs are clamped to [-87.3, 88.7] (finite output, no denormals).
+ * Only arithmetic and comparisons, so it inlines into the vectorised loops that call it. */
+static inline __attribute__((always_inline)) float fast_expf(float x) {
+    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to the nearest integer */
+    const float n = (x * 1.44269504088896341f + shifter) - shifter;
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p * r, r, r) + 1.0f;
+    union { int32_t i; float f; } two_n = {.i = ((int32_t)n + 127) << 23};
+    return p * two_n.f;
+}
+
+/* Rotate one head (HF's rotate_half convention): out = [x1 c - x2 s, x2 c + x1 s] * mul. */
+static inline void rope_head(const float *restrict x, const float *restrict c, const float *restrict s,
+                             float *restrict out, int64_t half, float mul) {
+    #pragma omp simd
+    for (int64_t j = 0; j < half; ++j) {
+        const float x1 = x[j], x2 = x[j + half];
+        out[j] = (x1 * c[j] - x2 * s[j]) * mul;
+        out[j + half] = (x2 * c[j] + x1 * s[j]) * mul;
+    }
+}
+
+/* out[t] = q . k[t, :] for t < n (rows cst apart), four keys at a time: four independent
+ * accumulations instead of one long dependency chain per key. D a constant where inlined. */
+static inline __attribute__((always_inline)) void dot_rows(const float *restrict q, const float *restrict k,
+                                                           int64_t cst, int64_t n, float *restrict out,
+                                                           int64_t D) {
+    int64_t t = 0;
+    for (; t + 4 <= n; t += 4) {
+        const float *k0 = k + t * cst, *k1 = k0 + cst, *k2 = k1 + cst, *k3 = k2 + cst;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+        #pragma omp simd reduction(+ : a0, a1, a2, a3)
+        for (int64_t d = 0; d < D; ++d) {
+            a0 += q[d] * k0[d];
+            a1 += q[d] * k1[d];
+            a2 += q[d] * k2[d];
+            a3 += q[d] * k3[d];
+        }
+        out[t] = a0, out[t + 1] = a1, out[t + 2] = a2, out[t + 3] = a3;
+    }
+    for (; t < n; ++t) {
+        const float *kr = k + t * cst;
+        float acc = 0.f;
+        #pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < D; ++d) acc += q[d] * kr[d];
+        out[t] = acc;
+    }
+}
+
+/* out[D] = sum_t w[t] v[t, :] (rows cst apart). Inlined with D a constant (64, 128) the sum stays
+ * in registers across t instead of going through memory once per key. */
+static inline __attribute__((always_inline)) void weighted_sum(const float *restrict w, const float *restrict v,
+                                                               int64_t cst, int64_t n, float *restrict out,
+                                                               int64_t D) {
+    float acc[D];
+    #pragma omp simd
+    for (int64_t d = 0; d < D; ++d) acc[d] = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+        const float wt = w[t], *restrict vr = v + t * cst;
+        #pragma omp simd
+        for (int64_t d = 0; d < D; ++d) acc[d] += wt * vr[d];
+    }
+    memcpy(out, acc, sizeof(float) * (size_t)D);
+}
+
+/* qkv [B, (H + 2 Hkv) * D] with row stride qkv_sb: the fused projection, q heads then k then v.
+ * cos_t, sin_t [T_tab, D/2] (NULL: no RoPE, as GPT-2). pos[b]: row b's new position, 0 <= pos[b]
+ * < tmax. kc, vc: this layer's cache [S, Hkv, tmax, D] with strides (csb, csh, cst), unit on D.
+ * out [B, H * D]. Row b's key/value go to position pos[b]; its query (head hk*G + g) attends to
+ * positions 0..pos[b] of key head hk. Returns -1, touching nothing, if a position is out of range. */
+int r1lab_attend(const float *qkv, int64_t qkv_sb, const float *cos_t, const float *sin_t,
+                  const int64_t *pos, float *kc, float *vc, int64_t csb, int64_t csh, int64_t cst,
+                  float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t tmax, float scale,
+                  int threads) {
+    const int64_t G = H / Hkv, half = D / 2;
+    for (int64_t b = 0; b < B; ++b)
+        if (pos[b] < 0 || pos[b] >= tmax) return -1;
+    #pragma omp parallel num_threads(threads)
+    {
+        /* per thread: the G rotated, pre-scaled queries, then the scores of one (row, key head) */
+        float *buf = (float *)malloc(sizeof(float) * (size_t)(G * D + G * tmax));
+        float *qs = buf, *s = buf + G * D;
+        #pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * Hkv; ++bh) {
+            const int64_t b = bh / Hkv, hk = bh % Hkv, p = pos[b], n = p + 1;
+            const float *row = qkv + b * qkv_sb;
+            float *kdst = kc + b * csb + hk * csh + p * cst, *vdst = vc + b * csb + hk * csh + p * cst;
+            const float *ksrc = row + (H + hk) * D, *vsrc = row + (H + Hkv + hk) * D;
+            if (cos_t) {
+                const float *c = cos_t + p * half, *sn = sin_t + p * half;
+                rope_head(ksrc, c, sn, kdst, half, 1.0f);
+                for (int64_t g = 0; g < G; ++g) rope_head(row + (hk * G + g) * D, c, sn, qs + g * D, half, scale);
+            } else {
+                memcpy(kdst, ksrc, sizeof(float) * (size_t)D);
+                for (int64_t g = 0; g < G; ++g)
+                    for (int64_t d = 0; d < D; ++d) qs[g * D + d] = row[(hk * G + g) * D + d] * scale;
+            }
+            memcpy(vdst, vsrc, sizeof(float) * (size_t)D);
+
+            const float *kb = kc + b * csb + hk * csh, *vb = vc + b * csb + hk * csh;
+            for (int64_t g = 0; g < G; ++g) {
+                if (D == 64)
+                    dot_rows(qs + g * D, kb, cst, n, s + g * n, 64);
+                else if (D == 128)
+                    dot_rows(qs + g * D, kb, cst, n, s + g * n, 128);
+                else
+                    dot_rows(qs + g * D, kb, cst, n, s + g * n, D);
+            }
+            for (int64_t g = 0; g < G; ++g) {
+                float *sg = s + g * n, m = -INFINITY, z = 0.f;
+                for (int64_t t = 0; t < n; ++t) m = sg[t] > m ? sg[t] : m;
+                #pragma omp simd reduction(+ : z)
+                for (int64_t t = 0; t < n; ++t) {
+                    sg[t] = fast_expf(sg[t] - m);
+                    z += sg[t];
+                }
+                const float inv = 1.f / z;
+                #pragma omp simd
+                for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
+            }
+            float *o = out + b * H * D + hk * G * D;  /* the G heads of this key head, adjacent */
+            for (int64_t g = 0; g < G; ++g) {
+                if (D == 64)
+                    weighted_sum(s + g * n, vb, cst, n, o + g * D, 64);
+                else if (D == 128)
+                    weighted_sum(s + g * n, vb, cst, n, o + g * D, 128);
+                else
+                    weighted_sum(s + g * n, vb, cst, n, o + g * D, D);
+            }
+        }
+        free(buf);
+    }
+    return 0;
+}
+
+/* x [B, d] += delta (if not NULL), then out [B, d] = norm(x) * w (+ bias): RMSNorm when bias is
+ * NULL and layer_norm is 0, LayerNorm (biased variance, optional bias) when layer_norm is 1. */
+void r1lab_add_norm(float *x, const float *delta, const float *w, const float *bias, float *out,
+                    int64_t B, int64_t d, float eps, int layer_norm, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * d >= 65536)
+    for (int64_t b = 0; b < B; ++b) {
+        float *restrict xr = x + b * d, *restrict o = out + b * d;
+        if (delta) {
+            const float *restrict dr = delta + b * d;
+            #pragma omp simd
+            for (int64_t i = 0; i < d; ++i) xr[i] += dr[i];
+        }
+        float mean = 0.f, ss = 0.f;
+        if (layer_norm) {
+            #pragma omp simd reduction(+ : mean)
+            for (int64_t i = 0; i < d; ++i) mean += xr[i];
+            mean /= (float)d;
+        }
+        #pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < d; ++i) ss += (xr[i] - mean) * (xr[i] - mean);
+        const float r = 1.0f / sqrtf(ss / (float)d + eps);
+        if (bias) {
+            #pragma omp simd
+            for (int64_t i = 0; i < d; ++i) o[i] = (xr[i] - mean) * r * w[i] + bias[i];
+        } else {
+            #pragma omp simd
+            for (int64_t i = 0; i < d; ++i) o[i] = (xr[i] - mean) * r * w[i];
+        }
+    }
+}
+
+/* u [B, 2F] = [gate | up] -> out [B, F] = silu(gate) * up. */
+void r1lab_swiglu(const float *u, float *out, int64_t B, int64_t F, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * F >= 65536)
+    for (int64_t b = 0; b < B; ++b) {
+        const float *restrict gate = u + b * 2 * F, *restrict up = gate + F;
+        float *restrict o = out + b * F;
+        #pragma omp simd
+        for (int64_t i = 0; i < F; ++i) o[i] = gate[i] / (1.0f + fast_expf(-gate[i])) * up[i];
+    }
+}
+
+/* x [n] in place: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with tanh(y) = 1 - 2/(e^{2y}+1). */
+void r1lab_gelu_tanh(float *x, int64_t n, int threads) {
+    #pragma omp parallel for simd num_threads(threads) schedule(static) if (n >= 65536)
+    for (int64_t i = 0; i < n; ++i) {
+        const float v = x[i], y = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+        x[i] = 0.5f * v * (2.0f - 2.0f / (fast_expf(2.0f * y) + 1.0f));
+    }
+}
