@@ -15,6 +15,8 @@ fraction of the FLOP roofline (2N per generated and prompt token, 6N per trained
 matmul peak measured at the start, by wall time and per CPU-second) and where the step's CPU time
 goes. `r1lab` runs with its defaults (rows of zero advantage are left out of the update when KL is
 off, `rl.skip_zero_advantage`); `r1lab-noskip` trains every row, as TRL does: the same work.
+`--rounds N` runs all configurations N times in turn and keeps each one's best round; the ratio
+within each round is printed too (the machine's speed drifts by more than the systems differ).
 
 Learning. A qwen2-4m base (`r1lab pretrain`, or `--base`) is trained `--learn-steps` GRPO steps by
 both systems with the same seed and prompts; both reward curves are printed and saved
@@ -310,20 +312,37 @@ def speed(args, peaks: dict, cpu_peaks: dict, tmp: Path) -> dict:
         model_dir = tmp / size  # one set of random weights for both systems
         tok = build_char_tokenizer()
         save_checkpoint(build_model(size, tok, seed=args.seed), tok, model_dir)
-        per = {}
-        for dtype in args.dtypes:
-            for system in SYSTEMS:  # alternated, so slow drifts of the load hit all alike
-                log(f"speed: {size} {system} {dtype}")
-                spec = {"kind": system.split("-")[0], "model": str(model_dir), "dtype": dtype}
-                spec.update(
-                    steps=args.steps, warmup=args.warmup, seed=args.seed, lr=1e-4, threads=args.threads
-                )
-                spec.update(skip_zero_advantage=not system.endswith("-noskip"))
-                r = run_child(SCRIPT, spec, args.timeout)
-                per[f"{system}/{dtype}"] = digest(r, peaks[dtype], cpu_peaks[dtype], args.warmup)
+        rounds = []  # each round runs every configuration once, so drifts of the machine hit all alike
+        for rnd in range(args.rounds):
+            per = {}
+            for dtype in args.dtypes:
+                for system in SYSTEMS:
+                    log(
+                        f"speed: {size} {system} {dtype}" + (f" (round {rnd + 1})" if args.rounds > 1 else "")
+                    )
+                    spec = {"kind": system.split("-")[0], "model": str(model_dir), "dtype": dtype}
+                    spec.update(
+                        steps=args.steps, warmup=args.warmup, seed=args.seed, lr=1e-4, threads=args.threads
+                    )
+                    spec.update(skip_zero_advantage=not system.endswith("-noskip"))
+                    r = run_child(SCRIPT, spec, args.timeout)
+                    per[f"{system}/{dtype}"] = digest(r, peaks[dtype], cpu_peaks[dtype], args.warmup)
+            rounds.append(per)
+        # best round of each configuration (by wall time); the ratios of each round are kept too
+        per = {
+            k: min((p[k] for p in rounds), key=lambda d: d.get("s_per_step") or float("inf"))
+            for k in rounds[0]
+        }
         ratio = {system: ratios(per, system) for system in SYSTEMS[:-1]}
+        per_round = [{system: ratios(p, system) for system in SYSTEMS[:-1]} for p in rounds]
         print_size(size, per, ratio)
-        results[size] = {"configs": per, "trl_over_r1lab": ratio}
+        if args.rounds > 1:
+            for system in SYSTEMS[:-1]:
+                each = [r[system]["s_per_step"] for r in per_round if r[system]["s_per_step"]]
+                print(
+                    f"  => TRL / {system} within each round (wall): " + ", ".join(f"{x:.2f}x" for x in each)
+                )
+        results[size] = {"configs": per, "trl_over_r1lab": ratio, "rounds": rounds, "round_ratios": per_round}
     return results
 
 
@@ -413,6 +432,12 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="auto", help="auto: float32, and bfloat16 where its matmuls are fast")
     p.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after warm-up)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every configuration this many times, interleaved; best of each",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-speed", action="store_true")

@@ -167,11 +167,10 @@ def ablations(preset, tok, args) -> dict:
     engine.pack = True
     engine.sync_weights()
 
-    lm = engine._backend.lm
     ab = {}
     for _ in range(args.reps):
         for name, on in (("native", True), ("pytorch", False)):
-            lm.native = on  # the C decode kernels (rollout/native.py) or the PyTorch path
+            engine.native = on  # the C kernels (rollout/native.py: decode, sampling) or PyTorch
             ab.setdefault(name, []).append(engine_rate(engine, prompts, args.new_tokens, 1))
     out["native"] = {k: max(v) for k, v in ab.items()}
     out["native_available"] = native.available()
@@ -183,7 +182,7 @@ def ablations(preset, tok, args) -> dict:
             kernels.decode_attention = fn
             ab.setdefault(name, []).append(engine_rate(engine, prompts, args.new_tokens, 1))
     kernels.decode_attention = original
-    lm.native = True
+    engine.native = True
     out["attention"] = {k: max(v) for k, v in ab.items()}
 
     out["grad_mode"] = grad_modes(engine, args)

@@ -95,7 +95,7 @@ def test_engine_greedy_tokens_are_the_same_with_and_without_the_kernel(arch):
     prompts = ["12+7=", "a much longer prompt, to make the rows ragged:", "x"]
     params = SamplingParams(temperature=0.0, max_tokens=24)
     with_kernel = engine.generate(prompts, 2, params)
-    engine._backend.lm.native = False
+    engine.native = False
     without = engine.generate(prompts, 2, params)
     assert [c.token_ids for c in with_kernel] == [c.token_ids for c in without]
     for a, b in zip(with_kernel, without, strict=True):

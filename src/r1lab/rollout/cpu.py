@@ -125,6 +125,7 @@ class CPUEngine:
         self._pos = torch.empty(0, dtype=torch.int64)  # [B] its position (= tokens already cached)
         self._count = torch.empty(0, dtype=torch.int64)  # [B] tokens drawn so far (noise counter)
         self._row_params: RowParams | None = None  # rebuilt when rows change
+        self._native = True  # the C kernels of native.py (decode step, sampling) where available
         self.pack = True  # oneDNN-packed fp32 weights where available (measured faster; see kernels)
         self.packed = False  # whether the current weights are packed
         self.sync_weights()
@@ -148,6 +149,7 @@ class CPUEngine:
             if isinstance(lm, kernels.LeanModel):
                 self.fallback_reason = None
                 self.packed = self.pack and kernels.pack_weights(lm, min(64, self.max_batch))
+                lm.native = self._native
                 if isinstance(old, LeanBackend):
                     old.lm, old.max_len = lm, lm.max_len
                     kernels.ensure_rope(lm, max(1, old.capacity()[1]))
@@ -163,6 +165,17 @@ class CPUEngine:
                 else:
                     self._backend = HFBackend(model)
             self._version = self._weights_version()
+
+    @property
+    def native(self) -> bool:
+        """Whether decode steps and sampling may use the C kernels (`native.py`); on by default."""
+        return self._native
+
+    @native.setter
+    def native(self, on: bool) -> None:
+        self._native = on
+        if isinstance(self._backend, LeanBackend):
+            self._backend.lm.native = on
 
     # ------------------------------------------------------------------ requests
 
@@ -257,7 +270,7 @@ class CPUEngine:
                     [s.key for s in self._rows],
                 )
             all_logits = logits[0] if len(logits) == 1 else torch.cat(logits)  # [B, V]
-            tokens, logps = sample(all_logits, self._row_params, self._count)  # [B], [B]
+            tokens, logps = sample(all_logits, self._row_params, self._count, fused=self.native)  # [B], [B]
             self._tok = tokens
             self._count += 1
             outs = [

@@ -8,7 +8,9 @@ arithmetic (RMSNorm is six kernels; RoPE, the two cache writes and a masked soft
 * `attend`: RoPE of the new queries and keys, the key/value written into the cache, and attention
   of each row over its own cached positions only (no mask; rows never read past their length);
 * `add_norm`: the residual add and the next RMSNorm/LayerNorm in one pass;
-* `swiglu` / `gelu_tanh`: the MLP's activation (exp by a vectorised polynomial, ~2e-7 relative).
+* `swiglu` / `gelu_tanh`: the MLP's activation (exp by a vectorised polynomial, ~2e-7 relative);
+* `sample`: the Gumbel-max draw of `sampling.sample` (rows without top-p), the same counter-based
+  noise in one pass over the logits instead of ~20 PyTorch ops on [B, V] int64 and float tensors.
 
 The matmuls stay in oneDNN. Measured on the 2-core AVX2 CPU (2 threads), decode steps of qwen2-4m at
 64 rows: see benchmarks/README.md ("Where the time goes") and `rollout_vs_hf.py --sections
@@ -101,6 +103,7 @@ def _load(path: Path):
         "r1lab_add_norm": ([ptr, ptr, ptr, ptr, ptr, i64, i64, f32, c_int, c_int], None),
         "r1lab_swiglu": ([ptr, ptr, i64, i64, c_int], None),
         "r1lab_gelu_tanh": ([ptr, i64, c_int], None),
+        "r1lab_sample": ([ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int], None),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(lib, name)
@@ -183,6 +186,29 @@ def gelu_tanh_(u) -> torch.Tensor:
     return u
 
 
+def sample(logits, temperature, keys, counters) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sampling.sample` for rows without top-p: logits [B, V] fp32, temperature [B] fp32, keys and
+    counters [B] int64 -> tokens [B] int64 and their raw-policy log-probs [B] fp32."""
+    lib = _need()
+    _check("sample", logits, temperature)
+    b, v = logits.shape
+    if (
+        not logits.is_contiguous()
+        or temperature.shape != (b,)
+        or keys.shape != (b,)
+        or counters.shape != (b,)
+    ):
+        raise ValueError("native.sample: needs contiguous logits [B, V] and [B] row settings")
+    temperature = temperature.contiguous()
+    keys, counters = keys.to(torch.int64).contiguous(), counters.to(torch.int64).contiguous()
+    tokens, logp = torch.empty(b, dtype=torch.int64), torch.empty(b, dtype=torch.float32)
+    lib.r1lab_sample(
+        logits.data_ptr(), b, v, temperature.data_ptr(), keys.data_ptr(), counters.data_ptr(),
+        tokens.data_ptr(), logp.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return tokens, logp
+
+
 def _probe() -> str | None:
     """Each kernel against the PyTorch code it replaces; the first disagreement, or None."""
     from r1lab.rollout import kernels  # kernels imports this module
@@ -215,6 +241,16 @@ def _probe() -> str | None:
         return "swiglu"
     if not torch.allclose(gelu_tanh_(u.clone()), torch.nn.functional.gelu(u, approximate="tanh"), **close):
         return "gelu_tanh"
+    from r1lab.rollout.sampling import RowParams
+    from r1lab.rollout.sampling import sample as torch_sample
+
+    logits = torch.randn(6, 70, generator=gen) * 2
+    rows = RowParams.build([1.0, 0.0, 0.7, 1.3, 1e-7, 1.0], [1.0] * 6, [5, 6, 7, 8, 9, 2**32 - 1])
+    counters = torch.tensor([0, 1, 2, 3, 4, 2**40])
+    want_tokens, want_logp = torch_sample(logits, rows, counters, fused=False)
+    tokens, logp = sample(logits, rows.temperature, rows.keys, counters)
+    if not (torch.equal(tokens, want_tokens) and torch.allclose(logp, want_logp, **close)):
+        return "sample"
     return None
 
 

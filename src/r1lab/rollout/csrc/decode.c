@@ -9,6 +9,8 @@
  *   r1lab_add_norm   x += delta, then RMSNorm or LayerNorm of x (residual add + the next norm)
  *   r1lab_swiglu     silu(gate) * up from the fused gate/up projection
  *   r1lab_gelu_tanh  GPT-2's tanh-approximated GELU
+ *   r1lab_sample     one token per row by the Gumbel-max trick on counter-based noise, and its
+ *                    log-prob (rollout/sampling.py's `sample` without top-p, same hash, same draws)
  *
  * Built at first use by r1lab/rollout/native.py with the system C compiler (-O3 -march=native
  * -fopenmp) and checked there against the PyTorch path it replaces (kernels.py); see that module.
@@ -213,4 +215,85 @@ void r1lab_gelu_tanh(float *x, int64_t n, int threads) {
         const float v = x[i], y = 0.7978845608028654f * (v + 0.044715f * v * v * v);
         x[i] = 0.5f * v * (2.0f - 2.0f / (fast_expf(2.0f * y) + 1.0f));
     }
+}
+
+/* log(x) for normal, positive float x, vectorisable: x = m 2^e with m in [sqrt(1/2), sqrt(2)),
+ * log(m) by Cephes' logf polynomial. Relative error ~1e-7. */
+static inline __attribute__((always_inline)) float fast_logf(float x) {
+    union { float f; int32_t i; } v = {.f = x};
+    float e = (float)(((v.i >> 23) & 0xff) - 126);
+    v.i = (v.i & 0x807fffff) | 0x3f000000; /* mantissa in [0.5, 1) */
+    float m = v.f;
+    const int small = m < 0.707106781186547524f;
+    e = small ? e - 1.0f : e;
+    m = small ? m + m - 1.0f : m - 1.0f;
+    const float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = fmaf(y, m, -1.1514610310e-1f);
+    y = fmaf(y, m, 1.1676998740e-1f);
+    y = fmaf(y, m, -1.2420140846e-1f);
+    y = fmaf(y, m, 1.4249322787e-1f);
+    y = fmaf(y, m, -1.6668057665e-1f);
+    y = fmaf(y, m, 2.0000714765e-1f);
+    y = fmaf(y, m, -2.4999993993e-1f);
+    y = fmaf(y, m, 3.3333331174e-1f);
+    y = y * m * z;
+    y = fmaf(e, -2.12194440e-4f, y);
+    y = fmaf(-0.5f, z, y);
+    return fmaf(e, 0.693359375f, m + y);
+}
+
+/* lowbias32 (C. Wellons): sampling.py's `_mix32` on uint32. */
+static inline __attribute__((always_inline)) uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+
+/* logits [B, V] -> tokens [B], logp [B] (log-softmax of the raw logits at the token). Row b with
+ * temperature[b] == 0 takes the argmax; else argmax(logits / T + g) with g = -log(-log u) and u
+ * the uniform that sampling.uniform gives for (keys[b], counters[b], token id). Ties go to the
+ * lowest id, as torch.argmax. */
+void r1lab_sample(const float *logits, int64_t B, int64_t V, const float *temperature, const int64_t *keys,
+                  const int64_t *counters, int64_t *tokens, float *logp, int threads) {
+    uint32_t *col = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)V); /* the token ids' half of the hash */
+    #pragma omp simd
+    for (int64_t v = 0; v < V; ++v) col[v] = mix32((uint32_t)v + 0x5BD1E995u);
+    #pragma omp parallel for num_threads(threads) schedule(static) if (B * V >= 16384)
+    for (int64_t b = 0; b < B; ++b) {
+        const float *l = logits + b * V;
+        float m = -INFINITY;
+        for (int64_t v = 0; v < V; ++v) m = l[v] > m ? l[v] : m;
+        float z = 0.f;
+        #pragma omp simd reduction(+ : z)
+        for (int64_t v = 0; v < V; ++v) z += fast_expf(l[v] - m);
+        const float lse = m + logf(z);
+        const float temp = temperature[b];
+        int64_t best = 0;
+        if (temp == 0.f) {
+            for (int64_t v = 1; v < V; ++v)
+                if (l[v] > l[best]) best = v;
+        } else {
+            const uint32_t row = mix32((uint32_t)keys[b] ^ mix32((uint32_t)counters[b] * 0x9E3779B1u));
+            const float t = temp > 1e-6f ? temp : 1e-6f;
+            float top = -INFINITY;
+            for (int64_t v0 = 0; v0 < V; v0 += 64) {
+                float sc[64];
+                const int64_t nv = V - v0 < 64 ? V - v0 : 64;
+                #pragma omp simd
+                for (int64_t j = 0; j < nv; ++j) {
+                    const uint32_t bits = mix32(row ^ col[v0 + j]);
+                    const float u = ((float)(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+                    sc[j] = l[v0 + j] / t - fast_logf(-fast_logf(u));
+                }
+                for (int64_t j = 0; j < nv; ++j)
+                    if (sc[j] > top) top = sc[j], best = v0 + j;
+            }
+        }
+        tokens[b] = best;
+        logp[b] = l[best] - lse;
+    }
+    free(col);
 }
