@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from test_rollout import TOK, build
 
 from r1lab.rollout import CPUEngine, SamplingParams, kernels, native
+from r1lab.rollout.sampling import RowParams, derive_key, sample
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason}")
 CLOSE = dict(atol=1e-5, rtol=1e-4)
@@ -89,11 +90,27 @@ def test_activations_match_pytorch_over_a_wide_range():
 
 
 @needs_kernel
+def test_sampler_kernel_draws_the_tokens_pytorch_draws():
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(500, 300, generator=gen) * 3
+    temps = [0.0 if i % 7 == 0 else 0.3 + (i % 5) * 0.4 for i in range(500)]  # greedy rows too
+    rows = RowParams.build(temps, [1.0] * 500, [derive_key(11, i) for i in range(500)])
+    counters = torch.arange(500) * 3
+    want_tokens, want_logp = sample(logits, rows, counters, fused=False)
+    tokens, logp = sample(logits, rows, counters)  # the kernel: no row has top-p
+    assert torch.equal(tokens, want_tokens)
+    torch.testing.assert_close(logp, want_logp, **CLOSE)
+    with pytest.raises(ValueError, match="row settings"):
+        native.sample(logits, rows.temperature[:3], rows.keys, counters)
+
+
+@needs_kernel
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
-def test_engine_greedy_tokens_are_the_same_with_and_without_the_kernel(arch):
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_engine_draws_the_same_tokens_with_and_without_the_kernels(arch, temperature):
     engine = CPUEngine(build(arch), TOK)
     prompts = ["12+7=", "a much longer prompt, to make the rows ragged:", "x"]
-    params = SamplingParams(temperature=0.0, max_tokens=24)
+    params = SamplingParams(temperature=temperature, max_tokens=24, seed=5)
     with_kernel = engine.generate(prompts, 2, params)
     engine.native = False
     without = engine.generate(prompts, 2, params)
@@ -128,14 +145,16 @@ def test_disabled_by_environment_falls_back_to_pytorch(fresh_native, monkeypatch
     torch.testing.assert_close(got[0], ref, atol=1e-4, rtol=0)
 
 
-def test_missing_compiler_is_a_reason_not_an_error(fresh_native, monkeypatch, tmp_path):
+def test_missing_compiler_is_a_reason_and_a_warning_not_an_error(fresh_native, monkeypatch, tmp_path):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    assert not fresh_native.available()
+    with pytest.warns(RuntimeWarning, match="could not build.*PyTorch path"):
+        assert not fresh_native.available()
     assert "could not build" in fresh_native.reason
 
 
 def test_a_kernel_that_disagrees_with_pytorch_is_not_used(fresh_native, monkeypatch):
     wrong = kernels._norm
     monkeypatch.setattr(kernels, "_norm", lambda x, w, b, eps: wrong(x, w, b, eps) + 1e-2)
-    assert not fresh_native.available()
+    with pytest.warns(RuntimeWarning, match="disagreed"):
+        assert not fresh_native.available()
     assert "disagreed" in fresh_native.reason and "add_norm" in fresh_native.reason

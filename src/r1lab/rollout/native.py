@@ -36,6 +36,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -276,6 +277,12 @@ def _get():
                     reason = f"could not build the native kernels: {e}"
                 finally:
                     _candidate = None
+                if _lib is None:  # said once per process: the engine still works, only slower
+                    warnings.warn(
+                        f"r1lab: {reason}; the CPU engine runs its PyTorch path (~1.3x slower decoding)",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
             _tried = True
     return _lib
 
