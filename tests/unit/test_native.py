@@ -59,6 +59,10 @@ def test_attend_refuses_bad_positions_and_shapes_without_writing():
             native.attend(qkv, cos, sin, bad, cache[0, 0], cache[1, 0], 4, 2, 1.0)
     with pytest.raises(ValueError, match="head layout"):
         native.attend(qkv, cos, sin, pos, cache[0, 0], cache[1, 0], 2, 2, 1.0)
+    with pytest.raises(ValueError, match="position"):  # past the RoPE table, inside the cache
+        native.attend(qkv, cos[:20], sin[:20], pos, cache[0, 0], cache[1, 0], 4, 2, 1.0)
+    with pytest.raises(ValueError, match="one position per row"):
+        native.attend(qkv, cos, sin, pos[:3], cache[0, 0], cache[1, 0], 4, 2, 1.0)
     with pytest.raises(TypeError, match="fp32"):
         native.attend(qkv.double(), cos, sin, pos, cache[0, 0], cache[1, 0], 4, 2, 1.0)
     assert torch.equal(cache, before)
@@ -76,6 +80,8 @@ def test_add_norm_adds_in_place_then_normalises(layer_norm):
     torch.testing.assert_close(x, want_x)  # the residual stream is updated in place
     torch.testing.assert_close(got, kernels._norm(want_x, w, b, 1e-6), **CLOSE)
     torch.testing.assert_close(native.add_norm(x.clone(), None, w, b, 1e-6), got, **CLOSE)
+    with pytest.raises(ValueError, match=r"weight \(and bias\) \[d\]"):
+        native.add_norm(x, None, w[:10], b, 1e-6)
 
 
 @needs_kernel

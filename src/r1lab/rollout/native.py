@@ -132,20 +132,27 @@ def attend(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int, 
     """
     lib = _need()
     _check("attend", qkv, cos, sin, k_cache, v_cache)
-    b, d = qkv.shape[0], k_cache.shape[-1]
+    if qkv.dim() != 2 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError("native.attend: qkv must be [B, (H + 2 H_kv) * D], the caches [S, H_kv, T_max, D]")
+    b, d, t_max = qkv.shape[0], k_cache.shape[-1], k_cache.shape[2]
     if qkv.shape[1] != (n_heads + 2 * n_kv_heads) * d or k_cache.stride() != v_cache.stride():
         raise ValueError("native.attend: qkv and the caches do not match the head layout")
-    if k_cache.shape[1] != n_kv_heads or k_cache.shape[0] < b or n_heads % n_kv_heads:
-        raise ValueError("native.attend: caches must be [S >= B, H_kv, T_max, D]")
+    if k_cache.shape[1] != n_kv_heads or k_cache.shape[0] < b or n_heads % n_kv_heads or pos.shape != (b,):
+        raise ValueError("native.attend: needs caches [S >= B, H_kv, T_max, D] and one position per row")
+    t_tab = t_max  # positions the RoPE table covers (no table: the cache bounds them)
+    if cos is not None:
+        if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != d // 2 or not cos.is_contiguous():
+            raise ValueError("native.attend: cos/sin must be contiguous [T, D/2] tables")
+        t_tab = min(t_max, cos.shape[0])
     pos = pos.to(torch.int64).contiguous()
     out = torch.empty(b, n_heads * d, dtype=torch.float32)
     rc = lib.r1lab_attend(
         qkv.data_ptr(), qkv.stride(0), _ptr(cos), _ptr(sin), pos.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3], out.data_ptr(),
-        b, n_heads, n_kv_heads, d, k_cache.shape[2], scale, torch.get_num_threads(),
+        b, n_heads, n_kv_heads, d, t_tab, scale, torch.get_num_threads(),
     )  # fmt: skip
     if rc != 0:
-        raise ValueError(f"native.attend: every position must be in [0, {k_cache.shape[2]}) (the cache)")
+        raise ValueError(f"native.attend: every position must be in [0, {t_tab}) (the cache and RoPE table)")
     return out
 
 
@@ -156,6 +163,8 @@ def add_norm(x, delta, w, b, eps: float) -> torch.Tensor:
     _check("add_norm", x, delta, w, b)
     if not x.is_contiguous() or (delta is not None and (delta.shape != x.shape or not delta.is_contiguous())):
         raise ValueError("native.add_norm: x and delta must be contiguous [B, d] of one shape")
+    if x.dim() != 2 or w.shape != x.shape[1:] or (b is not None and b.shape != x.shape[1:]):
+        raise ValueError("native.add_norm: x must be [B, d] and the norm's weight (and bias) [d]")
     out = torch.empty_like(x)
     n, d = x.shape
     lib.r1lab_add_norm(
@@ -169,9 +178,9 @@ def swiglu(u) -> torch.Tensor:
     """u [B, 2F] (gate | up, contiguous) -> silu(gate) * up [B, F]."""
     lib = _need()
     _check("swiglu", u)
-    n, f2 = u.shape
-    if not u.is_contiguous() or f2 % 2:
+    if u.dim() != 2 or not u.is_contiguous() or u.shape[1] % 2:
         raise ValueError("native.swiglu: needs a contiguous [B, 2F] tensor")
+    n, f2 = u.shape
     out = torch.empty(n, f2 // 2, dtype=torch.float32)
     lib.r1lab_swiglu(u.data_ptr(), out.data_ptr(), n, f2 // 2, torch.get_num_threads())
     return out
@@ -192,6 +201,8 @@ def sample(logits, temperature, keys, counters) -> tuple[torch.Tensor, torch.Ten
     counters [B] int64 -> tokens [B] int64 and their raw-policy log-probs [B] fp32."""
     lib = _need()
     _check("sample", logits, temperature)
+    if logits.dim() != 2:
+        raise ValueError("native.sample: needs contiguous logits [B, V] and [B] row settings")
     b, v = logits.shape
     if (
         not logits.is_contiguous()

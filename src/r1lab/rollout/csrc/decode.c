@@ -97,8 +97,8 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *rest
 }
 
 /* qkv [B, (H + 2 Hkv) * D] with row stride qkv_sb: the fused projection, q heads then k then v.
- * cos_t, sin_t [T_tab, D/2] (NULL: no RoPE, as GPT-2). pos[b]: row b's new position, 0 <= pos[b]
- * < tmax. kc, vc: this layer's cache [S, Hkv, tmax, D] with strides (csb, csh, cst), unit on D.
+ * cos_t, sin_t [>= tmax, D/2] (NULL: no RoPE, as GPT-2). pos[b]: row b's new position, 0 <= pos[b]
+ * < tmax (the caller passes the smaller of the cache's and the table's lengths). kc, vc: this layer's cache [S, Hkv, tmax, D] with strides (csb, csh, cst), unit on D.
  * out [B, H * D]. Row b's key/value go to position pos[b]; its query (head hk*G + g) attends to
  * positions 0..pos[b] of key head hk. Returns -1, touching nothing, if a position is out of range. */
 int r1lab_attend(const float *qkv, int64_t qkv_sb, const float *cos_t, const float *sin_t,
