@@ -15,10 +15,10 @@ A GRPO-shaped call (section `rl`): 16 prompts x 8 samples with early stops, r1la
 
 Ablations (fp32; what each lever measured on the 2-core AVX2 box, qwen2-4m / qwen2-34m, CPU tok/s):
   pack        oneDNN-packed fp32 weights vs F.linear (MKL): 2174 vs 2027 / 401 vs 330   -> kept
-  native      decode attention by the C kernel (rollout/native.py) vs PyTorch's two batched matmuls,
-              engine tok/s interleaved in one process (2 threads, quiet box, 2026-11-30): 4476 vs
-              4089 (1.09x) / 990 vs 832 (1.19x); the quickstart's GPT-2 at 128 rows 8545 vs 6913
-              (1.24x)                                                              -> kept
+  native      the C kernels (rollout/native.py: the decode step between its matmuls, and sampling)
+              vs the PyTorch path, engine tok/s interleaved in one process (2 threads, quiet box,
+              2026-11-30 08:05): 6105 vs 5182 (1.18x) / 1044 vs 977 (1.07x, a fifth of it prefill);
+              the quickstart's GPT-2 at 16 prompts x 8 x 128 tokens 10098 vs 7136 (1.42x) -> kept
   attention   (kernel off) two batched matmuls vs F.sdpa(enable_gqa): 2332 vs 2387 /
               405 vs 411, equal within noise                                          -> matmuls kept
   grad_mode   decode_step under inference_mode vs no_grad: 2899 vs 3020 / 537 vs 559,

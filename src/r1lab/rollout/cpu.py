@@ -23,14 +23,14 @@ when the running step ends (that step reports nothing for it). `generate()` refu
 streaming requests are live, and `add_request` refuses while a `generate()` runs, so neither path
 ever steps the other's requests and drops their tokens.
 
-Speed (benchmarks/rollout_vs_hf.py, 2-core AVX2 EPYC shared with other jobs, one thread, batch 64,
-64 new tokens, CPU-time tokens/s): qwen2-4m 2.2k vs 1.7k for HF `generate` (1.3x), qwen2-34m 471
-vs 379 (1.25x); a GRPO-shaped call (16 prompts x 8 samples, early stops) 1.6k vs 0.41k (3.9x),
-from prefilling each prompt once and dropping finished rows. bf16 is ~4x slower than fp32 on CPUs
-without native bf16 matmul (AVX2 only); use it where AVX512-BF16/AMX exist. Threads: the engine
-leaves `torch.set_num_threads` to its caller (it is process-wide). On this shared machine one
-thread beat two by 3-6x in wall time (OpenMP threads waiting on each other behind other jobs);
-on an idle machine the default (one per physical core) should win for the matmul-bound sizes.
+Speed (benchmarks/rollout_vs_hf.py; figures and history in benchmarks/README.md): on the quiet
+2-core AVX2 machine, batch 64, 64 new tokens, 2 threads, with the C kernels of `native.py`:
+qwen2-4m 5.1k tok/s vs 2.5k for HF `generate` (2.0x), qwen2-34m 1.08k vs 0.68k (1.6x); a
+GRPO-shaped call (16 prompts x 8 samples, early stops) 5.5x, from prefilling each prompt once and
+dropping finished rows. bf16 is much slower than fp32 on CPUs without native bf16 matmul (AVX2
+only); use it where AVX512-BF16/AMX exist. Threads: the engine leaves `torch.set_num_threads` to
+its caller (it is process-wide); on a machine shared with other jobs one thread can beat two by
+several times in wall time (OpenMP threads waiting on each other), on an idle one the default wins.
 
 Weights: the engine reads the model's weights at construction and again whenever a parameter was
 modified in place (an optimizer step, `load_state_dict`) before the next `generate()`; call

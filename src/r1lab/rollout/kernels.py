@@ -23,9 +23,10 @@ Grouped-query attention never repeats keys: queries are viewed as `[B, H_kv, G, 
 per key head) and multiplied against `[B, H_kv, T, D]` directly.
 
 In fp32 the matmul weights are re-laid once in oneDNN's packed format (`pack_weights`), which beat
-MKL's `F.linear` on the target CPU (+7% tokens/s on qwen2-4m, +22% on qwen2-34m, batch 64). What is
-left is matmul-bound: on qwen2-34m the linear layers ran at ~49 GFLOP/s against a 55 GFLOP/s
-single-core sgemm peak measured alongside, so the remaining levers are batch size and cores.
+MKL's `F.linear` on the target CPU (+7% tokens/s on qwen2-4m, +22% on qwen2-34m, batch 64). With
+the C kernels, a qwen2-4m decode step at 64 rows is about two thirds matmuls (M=64 GEMMs at ~100
+GFLOP/s against a 130-150 GFLOP/s peak) and at qwen2-34m more: the remaining levers are batch
+size and cores.
 
 Architectures: `gpt2` (learned positions, LayerNorm, GELU, fused c_attn) and the Llama family
 (`llama`, `qwen2`, `mistral`: RoPE, RMSNorm, SwiGLU, GQA, optional q/k/v bias). Anything else, or a
