@@ -54,7 +54,7 @@ static inline void rope_head(const float *restrict x, const float *restrict c, c
 }
 
 /* out[t] = q . k[t, :] for t < n (rows cst apart), four keys at a time: four independent
- * accumulations instead of one long dependency chain per key. D a constant where inlined. */
+ * accumulations instead of one long dependency chain per key. */
 static inline __attribute__((always_inline)) void dot_rows(const float *restrict q, const float *restrict k,
                                                            int64_t cst, int64_t n, float *restrict out,
                                                            int64_t D) {
@@ -80,8 +80,8 @@ static inline __attribute__((always_inline)) void dot_rows(const float *restrict
     }
 }
 
-/* out[D] = sum_t w[t] v[t, :] (rows cst apart). Inlined with D a constant (64, 128) the sum stays
- * in registers across t instead of going through memory once per key. */
+/* out[D] = sum_t w[t] v[t, :] (rows cst apart). With D a compile-time constant (attend_one) the
+ * sum stays in registers across t instead of going through memory once per key. */
 static inline __attribute__((always_inline)) void weighted_sum(const float *restrict w, const float *restrict v,
                                                                int64_t cst, int64_t n, float *restrict out,
                                                                int64_t D) {
@@ -96,70 +96,72 @@ static inline __attribute__((always_inline)) void weighted_sum(const float *rest
     memcpy(out, acc, sizeof(float) * (size_t)D);
 }
 
+/* One (row, key head) of r1lab_attend: rotate and write the new key, copy the new value, and
+ * attend with the G query heads of key head hk over positions 0..p. Inlined with D a compile-time
+ * constant (64, 128) where it can be, so its loops unroll and sums stay in registers. qs: G * D
+ * floats of scratch, s: G * (p + 1). */
+static inline __attribute__((always_inline)) void attend_one(
+    const float *row, const float *cos_t, const float *sin_t, int64_t p, float *kb, float *vb, int64_t cst,
+    float *o, int64_t H, int64_t Hkv, int64_t hk, int64_t G, float scale, float *qs, float *s, int64_t D) {
+    const int64_t half = D / 2, n = p + 1;
+    const float *ksrc = row + (H + hk) * D, *vsrc = row + (H + Hkv + hk) * D;
+    if (cos_t) {
+        const float *c = cos_t + p * half, *sn = sin_t + p * half;
+        rope_head(ksrc, c, sn, kb + p * cst, half, 1.0f);
+        for (int64_t g = 0; g < G; ++g) rope_head(row + (hk * G + g) * D, c, sn, qs + g * D, half, scale);
+    } else {
+        memcpy(kb + p * cst, ksrc, sizeof(float) * (size_t)D);
+        for (int64_t g = 0; g < G; ++g)
+            for (int64_t d = 0; d < D; ++d) qs[g * D + d] = row[(hk * G + g) * D + d] * scale;
+    }
+    memcpy(vb + p * cst, vsrc, sizeof(float) * (size_t)D);
+
+    for (int64_t g = 0; g < G; ++g) dot_rows(qs + g * D, kb, cst, n, s + g * n, D);
+    for (int64_t g = 0; g < G; ++g) {
+        float *sg = s + g * n, m = -INFINITY, z = 0.f;
+        for (int64_t t = 0; t < n; ++t) m = sg[t] > m ? sg[t] : m;
+        #pragma omp simd reduction(+ : z)
+        for (int64_t t = 0; t < n; ++t) {
+            sg[t] = fast_expf(sg[t] - m);
+            z += sg[t];
+        }
+        const float inv = 1.f / z;
+        #pragma omp simd
+        for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
+    }
+    for (int64_t g = 0; g < G; ++g) weighted_sum(s + g * n, vb, cst, n, o + g * D, D);
+}
+
 /* qkv [B, (H + 2 Hkv) * D] with row stride qkv_sb: the fused projection, q heads then k then v.
  * cos_t, sin_t [>= tmax, D/2] (NULL: no RoPE, as GPT-2). pos[b]: row b's new position, 0 <= pos[b]
- * < tmax (the caller passes the smaller of the cache's and the table's lengths). kc, vc: this layer's cache [S, Hkv, tmax, D] with strides (csb, csh, cst), unit on D.
- * out [B, H * D]. Row b's key/value go to position pos[b]; its query (head hk*G + g) attends to
- * positions 0..pos[b] of key head hk. Returns -1, touching nothing, if a position is out of range. */
+ * < tmax (the caller passes the smaller of the cache's and the table's lengths). kc, vc: this
+ * layer's cache [S, Hkv, tmax, D] with strides (csb, csh, cst), unit on D. out [B, H * D].
+ * Row b's key/value go to position pos[b]; its query (head hk*G + g) attends to positions
+ * 0..pos[b] of key head hk. Returns -1, touching nothing, if a position is out of range. */
 int r1lab_attend(const float *qkv, int64_t qkv_sb, const float *cos_t, const float *sin_t,
-                  const int64_t *pos, float *kc, float *vc, int64_t csb, int64_t csh, int64_t cst,
-                  float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t tmax, float scale,
-                  int threads) {
-    const int64_t G = H / Hkv, half = D / 2;
+                 const int64_t *pos, float *kc, float *vc, int64_t csb, int64_t csh, int64_t cst,
+                 float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t tmax, float scale,
+                 int threads) {
+    const int64_t G = H / Hkv;
     for (int64_t b = 0; b < B; ++b)
         if (pos[b] < 0 || pos[b] >= tmax) return -1;
     #pragma omp parallel num_threads(threads)
     {
         /* per thread: the G rotated, pre-scaled queries, then the scores of one (row, key head) */
         float *buf = (float *)malloc(sizeof(float) * (size_t)(G * D + G * tmax));
-        float *qs = buf, *s = buf + G * D;
         #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * Hkv; ++bh) {
-            const int64_t b = bh / Hkv, hk = bh % Hkv, p = pos[b], n = p + 1;
+            const int64_t b = bh / Hkv, hk = bh % Hkv;
             const float *row = qkv + b * qkv_sb;
-            float *kdst = kc + b * csb + hk * csh + p * cst, *vdst = vc + b * csb + hk * csh + p * cst;
-            const float *ksrc = row + (H + hk) * D, *vsrc = row + (H + Hkv + hk) * D;
-            if (cos_t) {
-                const float *c = cos_t + p * half, *sn = sin_t + p * half;
-                rope_head(ksrc, c, sn, kdst, half, 1.0f);
-                for (int64_t g = 0; g < G; ++g) rope_head(row + (hk * G + g) * D, c, sn, qs + g * D, half, scale);
-            } else {
-                memcpy(kdst, ksrc, sizeof(float) * (size_t)D);
-                for (int64_t g = 0; g < G; ++g)
-                    for (int64_t d = 0; d < D; ++d) qs[g * D + d] = row[(hk * G + g) * D + d] * scale;
-            }
-            memcpy(vdst, vsrc, sizeof(float) * (size_t)D);
-
-            const float *kb = kc + b * csb + hk * csh, *vb = vc + b * csb + hk * csh;
-            for (int64_t g = 0; g < G; ++g) {
-                if (D == 64)
-                    dot_rows(qs + g * D, kb, cst, n, s + g * n, 64);
-                else if (D == 128)
-                    dot_rows(qs + g * D, kb, cst, n, s + g * n, 128);
-                else
-                    dot_rows(qs + g * D, kb, cst, n, s + g * n, D);
-            }
-            for (int64_t g = 0; g < G; ++g) {
-                float *sg = s + g * n, m = -INFINITY, z = 0.f;
-                for (int64_t t = 0; t < n; ++t) m = sg[t] > m ? sg[t] : m;
-                #pragma omp simd reduction(+ : z)
-                for (int64_t t = 0; t < n; ++t) {
-                    sg[t] = fast_expf(sg[t] - m);
-                    z += sg[t];
-                }
-                const float inv = 1.f / z;
-                #pragma omp simd
-                for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
-            }
-            float *o = out + b * H * D + hk * G * D;  /* the G heads of this key head, adjacent */
-            for (int64_t g = 0; g < G; ++g) {
-                if (D == 64)
-                    weighted_sum(s + g * n, vb, cst, n, o + g * D, 64);
-                else if (D == 128)
-                    weighted_sum(s + g * n, vb, cst, n, o + g * D, 128);
-                else
-                    weighted_sum(s + g * n, vb, cst, n, o + g * D, D);
-            }
+            float *kb = kc + b * csb + hk * csh, *vb = vc + b * csb + hk * csh;
+            float *o = out + b * H * D + hk * G * D; /* the G heads of this key head, adjacent */
+            float *qs = buf, *s = buf + G * D;
+            if (D == 64)
+                attend_one(row, cos_t, sin_t, pos[b], kb, vb, cst, o, H, Hkv, hk, G, scale, qs, s, 64);
+            else if (D == 128)
+                attend_one(row, cos_t, sin_t, pos[b], kb, vb, cst, o, H, Hkv, hk, G, scale, qs, s, 128);
+            else
+                attend_one(row, cos_t, sin_t, pos[b], kb, vb, cst, o, H, Hkv, hk, G, scale, qs, s, D);
         }
         free(buf);
     }
