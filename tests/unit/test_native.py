@@ -28,7 +28,14 @@ def _attend_case(heads, kv_heads, dim, rope, seed=0):
 @needs_kernel
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "dim", "rope"),
-    [(4, 2, 64, True), (3, 3, 64, False), (8, 2, 16, True), (3, 1, 80, True), (2, 2, 8, False)],
+    [
+        (4, 2, 64, True),
+        (3, 3, 64, False),
+        (2, 1, 128, True),
+        (8, 2, 16, True),
+        (3, 1, 80, True),
+        (2, 2, 8, False),
+    ],
 )
 def test_attend_matches_pytorch_and_writes_the_same_cache(heads, kv_heads, dim, rope):
     qkv, cache, pos, (cos, sin) = _attend_case(heads, kv_heads, dim, rope)
@@ -158,6 +165,7 @@ def test_missing_compiler_is_a_reason_and_a_warning_not_an_error(fresh_native, m
     assert "could not build" in fresh_native.reason
 
 
+@needs_kernel  # (without a compiler the reason is the build, not the probe)
 def test_a_kernel_that_disagrees_with_pytorch_is_not_used(fresh_native, monkeypatch):
     wrong = kernels._norm
     monkeypatch.setattr(kernels, "_norm", lambda x, w, b, eps: wrong(x, w, b, eps) + 1e-2)

@@ -104,7 +104,7 @@ def _load(path: Path):
         "r1lab_add_norm": ([ptr, ptr, ptr, ptr, ptr, i64, i64, f32, c_int, c_int], None),
         "r1lab_swiglu": ([ptr, ptr, i64, i64, c_int], None),
         "r1lab_gelu_tanh": ([ptr, i64, c_int], None),
-        "r1lab_sample": ([ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int], None),
+        "r1lab_sample": ([ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int], c_int),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(lib, name)
@@ -141,16 +141,19 @@ def attend(qkv, cos, sin, pos, k_cache, v_cache, n_heads: int, n_kv_heads: int, 
         raise ValueError("native.attend: needs caches [S >= B, H_kv, T_max, D] and one position per row")
     t_tab = t_max  # positions the RoPE table covers (no table: the cache bounds them)
     if cos is not None:
-        if cos.shape != sin.shape or cos.dim() != 2 or cos.shape[1] != d // 2 or not cos.is_contiguous():
-            raise ValueError("native.attend: cos/sin must be contiguous [T, D/2] tables")
+        tables_ok = cos.shape == sin.shape and cos.dim() == 2 and cos.shape[1] * 2 == d
+        if not (tables_ok and cos.is_contiguous() and sin.is_contiguous()):
+            raise ValueError("native.attend: cos/sin must be contiguous [T, D/2] tables (D even)")
         t_tab = min(t_max, cos.shape[0])
-    pos = pos.to(torch.int64).contiguous()
+    pos = pos.to(device="cpu", dtype=torch.int64).contiguous()
     out = torch.empty(b, n_heads * d, dtype=torch.float32)
     rc = lib.r1lab_attend(
         qkv.data_ptr(), qkv.stride(0), _ptr(cos), _ptr(sin), pos.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3], out.data_ptr(),
         b, n_heads, n_kv_heads, d, t_tab, scale, torch.get_num_threads(),
     )  # fmt: skip
+    if rc == -2:
+        raise MemoryError("native.attend: no memory for the attention scratch buffers")
     if rc != 0:
         raise ValueError(f"native.attend: every position must be in [0, {t_tab}) (the cache and RoPE table)")
     return out
@@ -201,7 +204,7 @@ def sample(logits, temperature, keys, counters) -> tuple[torch.Tensor, torch.Ten
     counters [B] int64 -> tokens [B] int64 and their raw-policy log-probs [B] fp32."""
     lib = _need()
     _check("sample", logits, temperature)
-    if logits.dim() != 2:
+    if logits.dim() != 2 or logits.shape[1] == 0:
         raise ValueError("native.sample: needs contiguous logits [B, V] and [B] row settings")
     b, v = logits.shape
     if (
@@ -212,12 +215,15 @@ def sample(logits, temperature, keys, counters) -> tuple[torch.Tensor, torch.Ten
     ):
         raise ValueError("native.sample: needs contiguous logits [B, V] and [B] row settings")
     temperature = temperature.contiguous()
-    keys, counters = keys.to(torch.int64).contiguous(), counters.to(torch.int64).contiguous()
+    keys = keys.to(device="cpu", dtype=torch.int64).contiguous()
+    counters = counters.to(device="cpu", dtype=torch.int64).contiguous()
     tokens, logp = torch.empty(b, dtype=torch.int64), torch.empty(b, dtype=torch.float32)
-    lib.r1lab_sample(
+    rc = lib.r1lab_sample(
         logits.data_ptr(), b, v, temperature.data_ptr(), keys.data_ptr(), counters.data_ptr(),
         tokens.data_ptr(), logp.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("native.sample: no memory for the hash buffer")
     return tokens, logp
 
 
@@ -227,8 +233,14 @@ def _probe() -> str | None:
 
     gen = torch.Generator().manual_seed(0)
     close = dict(atol=1e-5, rtol=1e-4)
-    for heads, kv_heads, rope in ((6, 2, True), (3, 3, False)):
-        d, t_max, rows = 16, 40, 5
+    # head dims 64 and 128 run specialised code in C, others the generic loops: probe all three
+    for heads, kv_heads, rope, d in (
+        (6, 2, True, 16),
+        (3, 3, False, 64),
+        (4, 2, True, 64),
+        (2, 1, True, 128),
+    ):
+        t_max, rows = 40, 5
         qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=gen)
         cache = torch.randn(2, rows + 1, kv_heads, t_max, d, generator=gen)  # [K/V, S, H_kv, T, D]
         pos = torch.tensor([0, 6, 32, 23, 39])
@@ -286,8 +298,11 @@ def _get():
                         _lib = _candidate
                 except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
                     reason = f"could not build the native kernels: {e}"
+                except Exception as e:  # a probe that fails in any other way: fall back, never crash
+                    reason = f"the native kernels failed their probe: {type(e).__name__}: {e}"
                 finally:
                     _candidate = None
+                    _tried = True
                 if _lib is None:  # said once per process: the engine still works, only slower
                     warnings.warn(
                         f"r1lab: {reason}; the CPU engine runs its PyTorch path (~1.3x slower decoding)",

@@ -23,10 +23,11 @@
 
 /* exp(x) for float, vectorisable (libm's expf is a scalar call): x = n ln2 + r, |r| <= ln2/2,
  * exp(r) by Cephes' degree-7 polynomial, 2^n by building the exponent bits. Relative error ~2e-7
- * over the range used here; inputs are clamped to [-87.3, 88.7] (finite output, no denormals).
+ * over the range used here; inputs are clamped to [-87.3, 88.0] (finite output, no denormals:
+ * above ~88.4 the exponent 2^n would overflow).
  * Only arithmetic and comparisons, so it inlines into the vectorised loops that call it. */
 static inline __attribute__((always_inline)) float fast_expf(float x) {
-    x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+    x = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);
     const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to the nearest integer */
     const float n = (x * 1.44269504088896341f + shifter) - shifter;
     float r = fmaf(n, -0.693359375f, x);
@@ -137,12 +138,14 @@ static inline __attribute__((always_inline)) void attend_one(
  * < tmax (the caller passes the smaller of the cache's and the table's lengths). kc, vc: this
  * layer's cache [S, Hkv, tmax, D] with strides (csb, csh, cst), unit on D. out [B, H * D].
  * Row b's key/value go to position pos[b]; its query (head hk*G + g) attends to positions
- * 0..pos[b] of key head hk. Returns -1, touching nothing, if a position is out of range. */
+ * 0..pos[b] of key head hk. Returns -1, touching nothing, if a position is out of range, and -2
+ * if scratch memory could not be allocated. */
 int r1lab_attend(const float *qkv, int64_t qkv_sb, const float *cos_t, const float *sin_t,
                  const int64_t *pos, float *kc, float *vc, int64_t csb, int64_t csh, int64_t cst,
                  float *out, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t tmax, float scale,
                  int threads) {
     const int64_t G = H / Hkv;
+    int failed = 0;
     for (int64_t b = 0; b < B; ++b)
         if (pos[b] < 0 || pos[b] >= tmax) return -1;
     #pragma omp parallel num_threads(threads)
@@ -155,6 +158,11 @@ int r1lab_attend(const float *qkv, int64_t qkv_sb, const float *cos_t, const flo
             const float *row = qkv + b * qkv_sb;
             float *kb = kc + b * csb + hk * csh, *vb = vc + b * csb + hk * csh;
             float *o = out + b * H * D + hk * G * D; /* the G heads of this key head, adjacent */
+            if (!buf) {
+                #pragma omp atomic write
+                failed = 1;
+                continue;
+            }
             float *qs = buf, *s = buf + G * D;
             if (D == 64)
                 attend_one(row, cos_t, sin_t, pos[b], kb, vb, cst, o, H, Hkv, hk, G, scale, qs, s, 64);
@@ -165,7 +173,7 @@ int r1lab_attend(const float *qkv, int64_t qkv_sb, const float *cos_t, const flo
         }
         free(buf);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
 
 /* x [B, d] += delta (if not NULL), then out [B, d] = norm(x) * w (+ bias): RMSNorm when bias is
@@ -257,10 +265,11 @@ static inline __attribute__((always_inline)) uint32_t mix32(uint32_t x) {
 /* logits [B, V] -> tokens [B], logp [B] (log-softmax of the raw logits at the token). Row b with
  * temperature[b] == 0 takes the argmax; else argmax(logits / T + g) with g = -log(-log u) and u
  * the uniform that sampling.uniform gives for (keys[b], counters[b], token id). Ties go to the
- * lowest id, as torch.argmax. */
-void r1lab_sample(const float *logits, int64_t B, int64_t V, const float *temperature, const int64_t *keys,
+ * lowest id, as torch.argmax. Returns -2 if scratch memory could not be allocated, else 0. */
+int r1lab_sample(const float *logits, int64_t B, int64_t V, const float *temperature, const int64_t *keys,
                   const int64_t *counters, int64_t *tokens, float *logp, int threads) {
     uint32_t *col = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)V); /* the token ids' half of the hash */
+    if (!col) return -2;
     #pragma omp simd
     for (int64_t v = 0; v < V; ++v) col[v] = mix32((uint32_t)v + 0x5BD1E995u);
     #pragma omp parallel for num_threads(threads) schedule(static) if (B * V >= 16384)
@@ -298,4 +307,5 @@ void r1lab_sample(const float *logits, int64_t B, int64_t V, const float *temper
         logp[b] = l[best] - lse;
     }
     free(col);
+    return 0;
 }
