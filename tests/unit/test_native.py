@@ -68,6 +68,8 @@ def test_attend_refuses_bad_positions_and_shapes_without_writing():
         native.attend(qkv, cos, sin, pos, cache[0, 0], cache[1, 0], 2, 2, 1.0)
     with pytest.raises(ValueError, match="position"):  # past the RoPE table, inside the cache
         native.attend(qkv, cos[:20], sin[:20], pos, cache[0, 0], cache[1, 0], 4, 2, 1.0)
+    with pytest.raises(ValueError, match="contiguous"):  # a broadcast table would be read past its storage
+        native.attend(qkv, cos, sin[:1].expand_as(sin), pos, cache[0, 0], cache[1, 0], 4, 2, 1.0)
     with pytest.raises(ValueError, match="one position per row"):
         native.attend(qkv, cos, sin, pos[:3], cache[0, 0], cache[1, 0], 4, 2, 1.0)
     with pytest.raises(TypeError, match="fp32"):
