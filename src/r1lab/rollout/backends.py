@@ -69,8 +69,8 @@ class LeanBackend:
         self.k[:, idx, :, :t] = k[:, None].expand(shape)  # [L, n, H_kv, t, D]
         self.v[:, idx, :, :t] = v[:, None].expand(shape)
 
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, n_ctx: int) -> torch.Tensor:
-        return kernels.decode_step(self.lm, self.k, self.v, tokens, pos, n_ctx)
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, n_ctx: int, fused: bool) -> torch.Tensor:
+        return kernels.decode_step(self.lm, self.k, self.v, tokens, pos, n_ctx, fused)
 
     def move(self, src: int, dst: int, length: int) -> None:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
@@ -112,8 +112,8 @@ class HFBackend:
         for s in slots:
             self.caches[s] = copy.deepcopy(prefix)
 
-    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, n_ctx: int) -> torch.Tensor:
-        rows = []
+    def decode(self, tokens: torch.Tensor, pos: torch.Tensor, n_ctx: int, fused: bool) -> torch.Tensor:
+        rows = []  # (`fused` has no meaning for the HF forward)
         for b, t in enumerate(tokens.tolist()):
             logits, self.caches[b] = self._forward([t], self.caches[b])
             rows.append(logits)

@@ -125,7 +125,7 @@ class CPUEngine:
         self._pos = torch.empty(0, dtype=torch.int64)  # [B] its position (= tokens already cached)
         self._count = torch.empty(0, dtype=torch.int64)  # [B] tokens drawn so far (noise counter)
         self._row_params: RowParams | None = None  # rebuilt when rows change
-        self._native = True  # the C kernels of native.py (decode step, sampling) where available
+        self.native = True  # the C kernels of native.py (decode step, sampling) where available
         self.pack = True  # oneDNN-packed fp32 weights where available (measured faster; see kernels)
         self.packed = False  # whether the current weights are packed
         self.sync_weights()
@@ -149,7 +149,6 @@ class CPUEngine:
             if isinstance(lm, kernels.LeanModel):
                 self.fallback_reason = None
                 self.packed = self.pack and kernels.pack_weights(lm, min(64, self.max_batch))
-                lm.native = self._native
                 if isinstance(old, LeanBackend):
                     old.lm, old.max_len = lm, lm.max_len
                     kernels.ensure_rope(lm, max(1, old.capacity()[1]))
@@ -165,17 +164,6 @@ class CPUEngine:
                 else:
                     self._backend = HFBackend(model)
             self._version = self._weights_version()
-
-    @property
-    def native(self) -> bool:
-        """Whether decode steps and sampling may use the C kernels (`native.py`); on by default."""
-        return self._native
-
-    @native.setter
-    def native(self, on: bool) -> None:
-        self._native = on
-        if isinstance(self._backend, LeanBackend):
-            self._backend.lm.native = on
 
     # ------------------------------------------------------------------ requests
 
@@ -256,7 +244,7 @@ class CPUEngine:
             logits = []
             if old:
                 n_ctx = int(self._pos.max()) + 1
-                logits.append(self._backend.decode(self._tok, self._pos, n_ctx))  # [B_old, V]
+                logits.append(self._backend.decode(self._tok, self._pos, n_ctx, self.native))  # [B_old, V]
                 self._pos += 1
             new_logits = self._admit()
             if new_logits is not None:

@@ -88,7 +88,6 @@ class LeanModel:
     dtype: torch.dtype
     cos: torch.Tensor | None = None  # [T_table, D/2], filled by `ensure_rope`
     sin: torch.Tensor | None = None  # [T_table, D/2]
-    native: bool = True  # decode steps through the C kernels where available (`native.py`)
 
     @property
     def n_layers(self) -> int:
@@ -420,15 +419,16 @@ def decode_step(
     tokens: torch.Tensor,
     pos: torch.Tensor,
     n_ctx: int,
+    fused: bool = True,
 ) -> torch.Tensor:
     """One token for each of the first B cache rows; returns logits [B, V] (fp32).
 
     k_cache, v_cache [L, S, H_kv, T_max, D]; tokens [B] are the rows' last tokens, pos [B] their
     positions (= tokens already cached); n_ctx = max(pos) + 1 bounds the attention span.
-    In fp32 with the C kernels available (`lm.native`), everything between the matmuls runs there;
-    otherwise in PyTorch. The two agree to float rounding (tests/unit/test_native.py).
+    With `fused`, in fp32 and with the C kernels available, everything between the matmuls runs
+    there; otherwise in PyTorch. The two agree to float rounding (tests/unit/test_native.py).
     """
-    if lm.native and lm.dtype == torch.float32 and native.available():
+    if fused and lm.dtype == torch.float32 and native.available():
         return _decode_step_native(lm, k_cache, v_cache, tokens, pos)
     x = _embed(lm, tokens, pos)  # [B, d]
     rot = _rotation(lm, pos)
