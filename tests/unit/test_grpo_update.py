@@ -2,8 +2,9 @@
 
 Skipping rows of zero advantage (no KL) must give the gradients of the full update, up to
 floating-point summation order, and so must different micro-batch budgets and packed sequences.
-Stated tolerances: every gradient entry within 1e-6 + 1e-4 x its size at every optimiser step,
-losses within 1e-6, and the
+Stated tolerances: every gradient entry within 1e-6 + 1e-4 x its size at the first optimiser step
+(10x that at later ones, which start from weights already apart by rounding), losses within 1e-6,
+and the
 parameters after two AdamW steps at lr 1e-2 within 5e-4 (Adam divides by the gradient's own
 scale, so a rounding-level difference in a near-zero gradient can move a weight by up to ~lr).
 """
@@ -40,7 +41,16 @@ def make_rows(n: int, zero_share: float, seed: int) -> list[Rollout]:
 
 
 def config(**rl) -> GRPOConfig:
-    base = {"steps": 4, "prompts_per_step": 4, "group_size": 4, "lr": 1e-2, "weight_decay": 0.1}
+    # fp32: these are exactness tests of the update's arithmetic; "auto" would autocast to bf16 on a
+    # CPU with native bf16, where summation order moves gradients by bf16 rounding, not by 1e-6
+    base = {
+        "steps": 4,
+        "prompts_per_step": 4,
+        "group_size": 4,
+        "lr": 1e-2,
+        "weight_decay": 0.1,
+        "precision": "fp32",
+    }
     return GRPOConfig.model_validate({"model": "unused", "rl": {**base, **rl}})
 
 
@@ -72,11 +82,15 @@ def max_diff(a, b) -> float:
 
 
 def assert_same_grads(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> None:
+    """The first optimiser step starts from the same weights: within 1e-6 + 1e-4 x size. Later ones
+    start from weights that already differ by Adam-amplified rounding (up to PARAM_TOL), so their
+    gradients may differ by more than rounding: 10x looser (seen: 1.5e-6 on an AVX-512 CPU)."""
     assert len(a) == len(b) and a
-    for step_a, step_b in zip(a, b, strict=True):
+    for i, (step_a, step_b) in enumerate(zip(a, b, strict=True)):
         assert len(step_a) == len(step_b)
+        scale = 1 if i == 0 else 10
         for ga, gb in zip(step_a, step_b, strict=True):
-            torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ga, gb, rtol=1e-4 * scale, atol=1e-6 * scale)
 
 
 def assert_exact_grads(a: list[list[torch.Tensor]], b: list[list[torch.Tensor]]) -> None:

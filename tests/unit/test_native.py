@@ -105,6 +105,94 @@ def test_activations_match_pytorch_over_a_wide_range():
 
 
 @needs_kernel
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "rope"), [(4, 2, 64, True), (3, 3, 16, False), (2, 1, 128, True)]
+)
+@pytest.mark.parametrize("bf16", [False, True])
+def test_prefill_attend_is_causal_within_each_packed_prompt(heads, kv_heads, dim, rope, bf16):
+    gen = torch.Generator().manual_seed(4)
+    lens = [5, 1, 12, 3]
+    pos = torch.cat([torch.arange(t) for t in lens])
+    n = sum(lens)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, generator=gen)
+    qkv = qkv.bfloat16() if bf16 else qkv
+    cos, sin = torch.randn(20, dim // 2, generator=gen), torch.randn(20, dim // 2, generator=gen)
+    tables = (cos, sin) if rope else (None, None)
+    q, k, v = qkv.float().view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], 1)
+    if rope:
+        rot = (cos[pos][:, None], sin[pos][:, None])
+        q, k = kernels._rope(q, *rot), kernels._rope(k, *rot)
+    want = kernels._prefill_attention(q.contiguous(), k, v, lens, 0.3).reshape(n, -1)
+    out_dtype = torch.bfloat16 if bf16 else torch.float32
+    got, got_k, got_v = native.prefill_attend(qkv, *tables, pos, heads, kv_heads, 0.3, out_dtype)
+    assert got.dtype == out_dtype and got_k.dtype == got_v.dtype == torch.float32
+    torch.testing.assert_close(got.float(), want, **(dict(atol=1e-2, rtol=1e-2) if bf16 else CLOSE))
+    torch.testing.assert_close(got_k, k, **CLOSE)
+    assert torch.equal(got_v, v)
+    # a token attends to its own prompt only: changing the last prompt leaves the others' outputs alone
+    other = qkv.clone()
+    other[-3:] = 7
+    moved, _, _ = native.prefill_attend(other, *tables, pos, heads, kv_heads, 0.3, out_dtype)
+    assert torch.equal(moved[:-3], got[:-3])
+
+
+@needs_kernel
+def test_prefill_attend_refuses_positions_that_do_not_restart_per_prompt():
+    qkv = torch.randn(4, 4 * 16)
+    for bad in (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, -1, 0]), torch.tensor([0, 1, 2, 30])):
+        with pytest.raises(ValueError, match="restart at 0"):
+            native.prefill_attend(qkv, torch.zeros(8, 8), torch.zeros(8, 8), bad, 2, 1, 1.0)
+    with pytest.raises(ValueError, match="one position per token"):
+        native.prefill_attend(qkv, None, None, torch.tensor([0, 1]), 2, 1, 1.0)
+
+
+@needs_kernel
+def test_bf16_inputs_and_outputs_round_as_torch_does():
+    """The kernels read a matmul's bf16 output and write its bf16 input: the same numbers as
+    widening to fp32, computing, and `.to(torch.bfloat16)` (round to nearest even)."""
+    gen = torch.Generator().manual_seed(5)
+    # silu(g) == g exactly in fp32 for g >= 40 (exp(-40) vanishes against 1), so the output is the
+    # fp32 product g * up and only its rounding to bf16 is tested; ties included by construction
+    gate = 40 + torch.randint(0, 64, (4, 300), generator=gen).float()
+    up = torch.randn(4, 300, generator=gen)
+    up[0, :8] = torch.tensor([1.00390625, 1.01171875, -1.00390625, 3.0e38, -3.0e38, 1e-40, 0.0, -0.0])
+    u = torch.cat([gate, up], dim=1)
+    want = (gate * up).to(torch.bfloat16)
+    got = native.swiglu(u, torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    nan = native.swiglu(torch.tensor([[41.0, float("nan")]]), torch.bfloat16)
+    assert torch.isnan(nan).all()
+    # bf16 in, fp32 out is exact widening
+    u16 = (torch.randn(3, 64, generator=gen) * 50).bfloat16()
+    g16, up16 = u16.float().chunk(2, dim=1)
+    torch.testing.assert_close(native.swiglu(u16), F.silu(g16) * up16, **CLOSE)
+    x, delta = torch.randn(3, 96, generator=gen), torch.randn(3, 96, generator=gen).bfloat16()
+    w = torch.randn(96, generator=gen)
+    want_x = x + delta.float()
+    h = native.add_norm(x, delta, w, None, 1e-6, torch.bfloat16)
+    torch.testing.assert_close(x, want_x, atol=0, rtol=0)  # the residual stream stays fp32
+    assert h.dtype == torch.bfloat16
+    torch.testing.assert_close(h.float(), kernels._norm(want_x, w, None, 1e-6), atol=1e-2, rtol=1e-2)
+    with pytest.raises(TypeError, match="out_dtype"):
+        native.add_norm(x, None, w, None, 1e-6, torch.float16)
+    with pytest.raises(TypeError, match="fp32"):
+        native.add_norm(x.bfloat16(), None, w, None, 1e-6)  # the residual stream must be fp32
+
+
+@needs_kernel
+def test_attend_takes_a_bf16_projection_and_writes_a_bf16_output():
+    qkv, cache, pos, (cos, sin) = _attend_case(4, 2, 64, True)
+    qkv16 = qkv.bfloat16()
+    rot = (cos[pos][:, None], sin[pos][:, None])
+    ref_cache = cache.clone()
+    ref = kernels._attend(qkv16.float(), rot, pos, ref_cache[0, 1], ref_cache[1, 1], 4, 2, 0.125)
+    got = native.attend(qkv16, cos, sin, pos, cache[0, 1], cache[1, 1], 4, 2, 0.125, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and cache.dtype == torch.float32
+    torch.testing.assert_close(got.float(), ref, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(cache, ref_cache, **CLOSE)
+
+
+@needs_kernel
 def test_sampler_kernel_draws_the_tokens_pytorch_draws():
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(500, 300, generator=gen) * 3
@@ -122,16 +210,19 @@ def test_sampler_kernel_draws_the_tokens_pytorch_draws():
 @needs_kernel
 @pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_engine_draws_the_same_tokens_with_and_without_the_kernels(arch, temperature):
-    engine = CPUEngine(build(arch), TOK)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_engine_draws_the_same_tokens_with_and_without_the_kernels(arch, temperature, dtype):
+    engine = CPUEngine(build(arch), TOK, dtype=dtype)
     prompts = ["12+7=", "a much longer prompt, to make the rows ragged:", "x"]
     params = SamplingParams(temperature=temperature, max_tokens=24, seed=5)
     with_kernel = engine.generate(prompts, 2, params)
     engine.native = False
     without = engine.generate(prompts, 2, params)
     assert [c.token_ids for c in with_kernel] == [c.token_ids for c in without]
+    # bf16: a matmul input one rounding step apart moves these wide logits (+-30) by a few 1e-2
+    tol = dict(atol=1e-4, rtol=0) if dtype == "float32" else dict(atol=0.1, rtol=0.05)
     for a, b in zip(with_kernel, without, strict=True):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), **tol)
 
 
 @pytest.fixture

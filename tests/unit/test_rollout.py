@@ -99,15 +99,22 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new: int) -> list[list[int
 # --------------------------------------------------------------------------- lean forward
 
 
-def test_lean_prefill_and_decode_match_hf_logits(lean_model):
-    lm = kernels.lean_from_hf(lean_model, torch.float32)
-    assert isinstance(lm, kernels.LeanModel)
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_prefill_and_decode_match_hf_logits(lean_model, fused, dtype):
+    """fp32 to float rounding; bf16 matmuls (fp32 around them) against HF under bf16 autocast, the
+    same arithmetic, to bf16 rounding (logits here span about +-30)."""
+    lm = kernels.lean_from_hf(lean_model, dtype)
+    assert isinstance(lm, kernels.LeanModel) and lm.dtype == torch.float32 and lm.mm_dtype == dtype
+    tol = dict(atol=1e-4, rtol=0) if dtype == torch.float32 else dict(atol=0.25, rtol=0.02)
     seqs = [torch.randint(4, V, (t,)) for t in (5, 11, 2)]
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        ref = [lean_model(s[None]).logits[0].float() for s in seqs]  # [t, V] each
     with torch.inference_mode():
-        ref = [lean_model(s[None]).logits[0] for s in seqs]  # [t, V] each
-        logits, kv = kernels.prefill(lm, torch.cat([s[:-1] for s in seqs]), [len(s) - 1 for s in seqs])
+        lens = [len(s) - 1 for s in seqs]
+        logits, kv = kernels.prefill(lm, torch.cat([s[:-1] for s in seqs]), lens, fused)
         for i in range(3):
-            torch.testing.assert_close(logits[i], ref[i][-2], atol=1e-4, rtol=0)
+            torch.testing.assert_close(logits[i], ref[i][-2], **tol)
         shape = (lm.n_layers, 4, lm.n_kv_heads, 16, lm.head_dim)
         k_cache, v_cache = torch.zeros(shape), torch.zeros(shape)
         kernels.ensure_rope(lm, 16)
@@ -120,10 +127,10 @@ def test_lean_prefill_and_decode_match_hf_logits(lean_model):
             start += t
         pos = torch.tensor([len(s) - 1 for s in seqs])
         out = kernels.decode_step(
-            lm, k_cache, v_cache, torch.stack([s[-1] for s in seqs]), pos, int(pos.max()) + 1
+            lm, k_cache, v_cache, torch.stack([s[-1] for s in seqs]), pos, int(pos.max()) + 1, fused
         )
     for i in range(3):
-        torch.testing.assert_close(out[i], ref[i][-1], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out[i], ref[i][-1], **tol)
 
 
 def test_unsupported_architecture_falls_back_to_hf():
@@ -204,7 +211,7 @@ def test_prompt_prefilled_once_and_small_max_batch_is_equivalent():
     engine = CPUEngine(model, TOK, max_batch=3)
     calls = []
     prefill = engine._backend.prefill
-    engine._backend.prefill = lambda prompts: calls.append(len(prompts)) or prefill(prompts)
+    engine._backend.prefill = lambda prompts, *a: calls.append(len(prompts)) or prefill(prompts, *a)
     params = SamplingParams(temperature=1.0, max_tokens=10, seed=11)
     small = engine.generate(PROMPTS, 4, params)
     assert sum(calls) == len(PROMPTS)  # 12 samples, 3 prompts computed

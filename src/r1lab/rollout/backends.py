@@ -50,10 +50,10 @@ class LeanBackend:
         self.k, self.v = k, v
         kernels.ensure_rope(lm, length)
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[object]]:
+    def prefill(self, prompts: list[list[int]], fused: bool = True) -> tuple[torch.Tensor, list[object]]:
         lens = [len(p) for p in prompts]
         tokens = torch.tensor([t for p in prompts for t in p], dtype=torch.int64)  # [N]
-        logits, kv = kernels.prefill(self.lm, tokens, lens)  # [P, V], L x ([N, H_kv, D], [N, H_kv, D])
+        logits, kv = kernels.prefill(self.lm, tokens, lens, fused)  # [P, V], L x ([N, H_kv, D], [N, H_kv, D])
         prefixes, start = [], 0
         for t in lens:
             k = torch.stack([kl[start : start + t].transpose(0, 1) for kl, _ in kv])  # [L, H_kv, t, D]
@@ -104,8 +104,8 @@ class HFBackend:
         out = self.model(input_ids=torch.tensor([ids]), use_cache=True, **{self._cache_kw: cache})
         return out.logits[0, -1].float(), out.past_key_values  # [V], cache
 
-    def prefill(self, prompts: list[list[int]]) -> tuple[torch.Tensor, list[object]]:
-        outs = [self._forward(p) for p in prompts]
+    def prefill(self, prompts: list[list[int]], fused: bool = True) -> tuple[torch.Tensor, list[object]]:
+        outs = [self._forward(p) for p in prompts]  # (`fused` has no meaning for the HF forward)
         return torch.stack([o[0] for o in outs]), [o[1] for o in outs]
 
     def place(self, prefix, slots: list[int]) -> None:

@@ -23,14 +23,16 @@ when the running step ends (that step reports nothing for it). `generate()` refu
 streaming requests are live, and `add_request` refuses while a `generate()` runs, so neither path
 ever steps the other's requests and drops their tokens.
 
-Speed (benchmarks/rollout_vs_hf.py; figures and history in benchmarks/README.md): on the quiet
-2-core AVX2 machine, batch 64, 64 new tokens, 2 threads, with the C kernels of `native.py`:
-qwen2-4m 5.1k tok/s vs 2.5k for HF `generate` (2.0x), qwen2-34m 1.08k vs 0.68k (1.6x); a
-GRPO-shaped call (16 prompts x 8 samples, early stops) 5.5x, from prefilling each prompt once and
-dropping finished rows. bf16 is much slower than fp32 on CPUs without native bf16 matmul (AVX2
-only); use it where AVX512-BF16/AMX exist. Threads: the engine leaves `torch.set_num_threads` to
-its caller (it is process-wide); on a machine shared with other jobs one thread can beat two by
-several times in wall time (OpenMP threads waiting on each other), on an idle one the default wins.
+Speed (benchmarks/rollout_vs_hf.py; figures and history in benchmarks/README.md): batch 64, 64 new
+tokens, 2 threads, with the C kernels of `native.py`, r1lab against HF `generate` in the same dtype:
+2.9-3.1x in fp32 at both sizes, and in bf16 2.4x at qwen2-4m and 1.6x at qwen2-34m (whose step is
+almost all bf16 GEMM and weight streaming) on the 2-core AVX-512 EPYC. `dtype="bfloat16"` runs the
+matmuls in bf16 and keeps the residual stream, norms, attention and KV cache in fp32 (as autocast
+does): on CPUs with native bf16 (AVX512-BF16, AMX) it is the faster engine (1.5-1.7x fp32 here), on
+CPUs without it (AVX2 only) much slower than fp32. Threads: the engine leaves
+`torch.set_num_threads` to its caller (it is process-wide); on a machine shared with other jobs one
+thread can beat two by several times in wall time (OpenMP threads waiting on each other), on an
+idle one the default wins.
 
 Weights: the engine reads the model's weights at construction and again whenever a parameter was
 modified in place (an optimizer step, `load_state_dict`) before the next `generate()`; call
@@ -294,7 +296,7 @@ class CPUEngine:
         self._waiting = deque(g for g in self._waiting if g.seqs)
         need = [g for g, _ in take if g.prefix is None]
         if need:
-            logits, prefixes = self._backend.prefill([g.prompt_ids for g in need])
+            logits, prefixes = self._backend.prefill([g.prompt_ids for g in need], self.native)
             for g, lg, px in zip(need, logits, prefixes, strict=True):
                 g.logits, g.prefix = lg, px
         placed = sum(len(s) for _, s in take)

@@ -9,12 +9,14 @@ calls per layer:
 * `prefill(lm, tokens, seq_lens)` runs several prompts packed into one `[N, d]` sequence (no padding):
   the linear layers see all tokens at once; attention is causal within each prompt. It returns the
   logits at each prompt's last position and every layer's keys/values for the engine to cache.
+  With the C kernels it runs the same layer loop as the decode step (`_layers_native`).
 * `decode_step(lm, cache, tokens, pos, n_ctx)` advances `B` rows by one token each. Row `b` writes
   its key/value at `pos[b]` of its own cache slot and attends to positions `0..pos[b]`, so rows of
-  different lengths share one batch instead of padding the prompts. In fp32, everything between
-  the matmuls (norms, RoPE, cache writes, attention, activation) runs in the C kernels of
-  `native.py` where they could be built (~1.3x faster decode steps at qwen2-4m's shape); otherwise
-  in PyTorch (`_attend`, `decode_attention`), which is also what the kernels are checked against.
+  different lengths share one batch instead of padding the prompts. Everything between the
+  matmuls (norms, RoPE, cache writes, attention, activation) runs in the C kernels of `native.py`
+  where they could be built (~1.3x faster decode steps at qwen2-4m's shape); otherwise in PyTorch
+  (`_attend`, `decode_attention`, `_prefill_attention`), which is also what the kernels are checked
+  against.
 
 The cache is preallocated by the engine: `k, v: [L, S, H_kv, T_max, D]` (S row slots). Head-major
 rows make `cache[l, :B, :, :T]` a strided view that batched matmul reads without a copy.
@@ -22,11 +24,17 @@ rows make `cache[l, :B, :, :T]` a strided view that batched matmul reads without
 Grouped-query attention never repeats keys: queries are viewed as `[B, H_kv, G, D]` (G query heads
 per key head) and multiplied against `[B, H_kv, T, D]` directly.
 
-In fp32 the matmul weights are re-laid once in oneDNN's packed format (`pack_weights`), which beat
-MKL's `F.linear` on the target CPU (+7% tokens/s on qwen2-4m, +22% on qwen2-34m, batch 64). With
-the C kernels, a qwen2-4m decode step at 64 rows is about two thirds matmuls (M=64 GEMMs at ~100
-GFLOP/s against a 130-150 GFLOP/s peak) and at qwen2-34m more: the remaining levers are batch
-size and cores.
+Precision: `LeanModel.dtype` is the dtype of the activations, the residual stream, the norms,
+attention and the KV cache, and it is always fp32; `mm_dtype` is the dtype of the matmul weights
+and of the matmuls' inputs and outputs: fp32, or bf16 for an engine in bfloat16 (what
+`torch.autocast` does: bf16 GEMMs with fp32 accumulation, everything else in fp32). On a CPU with
+native bf16 dot products (AVX512-BF16, AMX) bf16 GEMMs run at 2-4x the fp32 rate; without them
+PyTorch emulates bf16 and it is much slower than fp32.
+
+The matmul weights are re-laid once in oneDNN's packed format (`pack_weights`), which beat MKL's
+`F.linear` on every CPU measured: on the 2-core AVX2 EPYC +7% tokens/s on qwen2-4m and +22% on
+qwen2-34m at batch 64; on the 2-core AVX-512 EPYC (Zen 5) MKL's fp32 GEMM runs AVX2 code at
+~190 GFLOP/s where oneDNN's runs at ~450.
 
 Architectures: `gpt2` (learned positions, LayerNorm, GELU, fused c_attn) and the Llama family
 (`llama`, `qwen2`, `mistral`: RoPE, RMSNorm, SwiGLU, GQA, optional q/k/v bias). Anything else, or a
@@ -85,7 +93,8 @@ class LeanModel:
     final_b: torch.Tensor | None  # [d]
     lm_head: torch.Tensor  # [V, d]
     layers: list[LeanLayer]
-    dtype: torch.dtype
+    dtype: torch.dtype  # activations, norms, attention, KV cache: float32
+    mm_dtype: torch.dtype  # matmul weights, inputs and outputs: float32 or bfloat16
     cos: torch.Tensor | None = None  # [T_table, D/2], filled by `ensure_rope`
     sin: torch.Tensor | None = None  # [T_table, D/2]
 
@@ -107,7 +116,10 @@ def _cat_bias(*linears, dtype) -> torch.Tensor | None:
 
 
 def lean_from_hf(model: torch.nn.Module, dtype: torch.dtype) -> LeanModel | str:
-    """Copy a supported HF causal LM into a `LeanModel`, or return why it is not supported."""
+    """Copy a supported HF causal LM into a `LeanModel` whose matmuls run in `dtype` (fp32 or bf16;
+    everything else is fp32), or return why it is not supported."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        return f"dtype {dtype} has no lean forward"
     cfg = model.config
     kind = getattr(cfg, "model_type", "")
     if kind == "gpt2":
@@ -115,6 +127,9 @@ def lean_from_hf(model: torch.nn.Module, dtype: torch.dtype) -> LeanModel | str:
     if kind in _LLAMA_FAMILY:
         return _llama(model, dtype)
     return f"model_type {kind!r} has no lean forward"
+
+
+_F32 = torch.float32
 
 
 def _gpt2(model, dtype) -> LeanModel | str:
@@ -133,14 +148,14 @@ def _gpt2(model, dtype) -> LeanModel | str:
         # Conv1D stores [in, out]; F.linear wants [out, in]: transpose once here, never per step.
         layers.append(
             LeanLayer(
-                norm1_w=_t(blk.ln_1.weight, dtype),
-                norm1_b=_t(blk.ln_1.bias, dtype),
+                norm1_w=_t(blk.ln_1.weight, _F32),
+                norm1_b=_t(blk.ln_1.bias, _F32),
                 qkv_w=_t(blk.attn.c_attn.weight.t(), dtype),
                 qkv_b=_t(blk.attn.c_attn.bias, dtype),
                 o_w=_t(blk.attn.c_proj.weight.t(), dtype),
                 o_b=_t(blk.attn.c_proj.bias, dtype),
-                norm2_w=_t(blk.ln_2.weight, dtype),
-                norm2_b=_t(blk.ln_2.bias, dtype),
+                norm2_w=_t(blk.ln_2.weight, _F32),
+                norm2_b=_t(blk.ln_2.bias, _F32),
                 up_w=_t(blk.mlp.c_fc.weight.t(), dtype),
                 up_b=_t(blk.mlp.c_fc.bias, dtype),
                 down_w=_t(blk.mlp.c_proj.weight.t(), dtype),
@@ -156,14 +171,15 @@ def _gpt2(model, dtype) -> LeanModel | str:
         head_dim=d // h,
         eps=cfg.layer_norm_epsilon,
         max_len=cfg.n_positions,
-        embed=_t(tr.wte.weight, dtype),
-        pos_embed=_t(tr.wpe.weight, dtype),
+        embed=_t(tr.wte.weight, _F32),
+        pos_embed=_t(tr.wpe.weight, _F32),
         rotary=None,
-        final_w=_t(tr.ln_f.weight, dtype),
-        final_b=_t(tr.ln_f.bias, dtype),
+        final_w=_t(tr.ln_f.weight, _F32),
+        final_b=_t(tr.ln_f.bias, _F32),
         lm_head=_t(model.lm_head.weight, dtype),
         layers=layers,
-        dtype=dtype,
+        dtype=_F32,
+        mm_dtype=dtype,
     )
 
 
@@ -186,13 +202,13 @@ def _llama(model, dtype) -> LeanModel | str:
         at, mlp = blk.self_attn, blk.mlp
         layers.append(
             LeanLayer(
-                norm1_w=_t(blk.input_layernorm.weight, dtype),
+                norm1_w=_t(blk.input_layernorm.weight, _F32),
                 norm1_b=None,
                 qkv_w=_t(torch.cat([at.q_proj.weight, at.k_proj.weight, at.v_proj.weight]), dtype),
                 qkv_b=_cat_bias(at.q_proj, at.k_proj, at.v_proj, dtype=dtype),
                 o_w=_t(at.o_proj.weight, dtype),
                 o_b=_t(at.o_proj.bias, dtype),
-                norm2_w=_t(blk.post_attention_layernorm.weight, dtype),
+                norm2_w=_t(blk.post_attention_layernorm.weight, _F32),
                 norm2_b=None,
                 up_w=_t(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), dtype),
                 up_b=_cat_bias(mlp.gate_proj, mlp.up_proj, dtype=dtype),
@@ -209,14 +225,15 @@ def _llama(model, dtype) -> LeanModel | str:
         head_dim=head_dim,
         eps=cfg.rms_norm_eps,
         max_len=cfg.max_position_embeddings,
-        embed=_t(base.embed_tokens.weight, dtype),
+        embed=_t(base.embed_tokens.weight, _F32),
         pos_embed=None,
         rotary=rotary,
-        final_w=_t(base.norm.weight, dtype),
+        final_w=_t(base.norm.weight, _F32),
         final_b=None,
         lm_head=_t(model.lm_head.weight, dtype),
         layers=layers,
-        dtype=dtype,
+        dtype=_F32,
+        mm_dtype=dtype,
     )
 
 
@@ -240,30 +257,42 @@ def ensure_rope(lm: LeanModel, n_positions: int) -> None:
 # --------------------------------------------------------------------------- building blocks
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x [N, in] @ w.T + b; w is [out, in], or a oneDNN-packed copy of it (see `pack_weights`)."""
+def _mm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x [N, in] @ w.T + b in the weight's dtype (x is cast to it; the output is in it too);
+    w is [out, in], or a oneDNN-packed copy of it (see `pack_weights`)."""
+    if x.dtype != w.dtype:
+        x = x.to(w.dtype)
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)
 
 
-def pack_weights(lm: LeanModel, batch_hint: int = 64) -> bool:
-    """Re-lay the fp32 matmul weights in oneDNN's blocked format, in place; False if unavailable.
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`_mm` with the output in x's dtype: the PyTorch paths keep every activation in fp32."""
+    y = _mm(x, w, b)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    On the 2-core AVX2 CPU this project targets, oneDNN's packed fp32 GEMM beats MKL's for the wide
-    projections of decoding (e.g. 512 -> 4608 at 64 rows: ~50 vs ~31 GFLOP/s single-threaded), and
-    the whole engine gains 7-22% (benchmarks/rollout_vs_hf.py, ablation `pack`). bf16 is left to
-    F.linear: oneDNN's packed bf16 path needs AVX512 (or AVX-NE-CONVERT).
+
+def pack_weights(lm: LeanModel, batch_hint: int = 64) -> bool:
+    """Re-lay the matmul weights in oneDNN's blocked format, in place; False if unavailable.
+
+    oneDNN's packed GEMM beats MKL's `F.linear` for the projections of decoding on both CPUs
+    measured: on the 2-core AVX2 EPYC e.g. 512 -> 4608 at 64 rows ~50 vs ~31 GFLOP/s single-threaded
+    (the whole engine +7-22%, benchmarks/rollout_vs_hf.py, ablation `pack`); on the AVX-512 EPYC
+    (Zen 5) 2.3-2.9x in fp32, and in bf16 ~15% over the unpacked oneDNN call F.linear makes.
     Packing is checked against F.linear on a probe, and skipped if anything disagrees.
     """
     mkldnn = getattr(torch.ops, "mkldnn", None)
-    if lm.dtype != torch.float32 or not torch.backends.mkldnn.is_available() or mkldnn is None:
+    if not torch.backends.mkldnn.is_available() or mkldnn is None:
         return False
     try:
-        probe = torch.randn(3, lm.layers[0].qkv_w.shape[1])
-        packed = mkldnn._reorder_linear_weight(lm.layers[0].qkv_w, batch_hint)
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, lm.layers[0].qkv_b, "none", [], "")
-        if not torch.allclose(got, F.linear(probe, lm.layers[0].qkv_w, lm.layers[0].qkv_b), atol=1e-4):
+        w0, b0 = lm.layers[0].qkv_w, lm.layers[0].qkv_b
+        probe = torch.randn(3, w0.shape[1]).to(lm.mm_dtype)
+        packed = mkldnn._reorder_linear_weight(w0, batch_hint)
+        got = torch.ops.mkldnn._linear_pointwise(probe, packed, b0, "none", [], "").float()
+        want = F.linear(probe, w0, b0).float()
+        tol = 1e-4 if lm.mm_dtype == torch.float32 else 2e-2  # bf16 outputs round at 2^-8
+        if not torch.allclose(got, want, atol=tol, rtol=tol):
             return False
     except (RuntimeError, AttributeError):
         return False
@@ -324,48 +353,69 @@ def _embed(lm: LeanModel, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tens
 
 def _logits(lm: LeanModel, x: torch.Tensor) -> torch.Tensor:
     x = _norm(x, lm.final_w, lm.final_b, lm.eps)  # [B, d]
-    return _linear(x, lm.lm_head).float()  # [B, V]
+    return _linear(x, lm.lm_head)  # [B, V] fp32
 
 
 # --------------------------------------------------------------------------- the two forwards
 
 
-def prefill(lm: LeanModel, tokens: torch.Tensor, seq_lens: list[int]):
+def prefill(lm: LeanModel, tokens: torch.Tensor, seq_lens: list[int], fused: bool = True):
     """Forward packed prompts (positions restart at 0 for each).
 
     tokens [N] holds the prompts back to back, N = sum(seq_lens). Returns the logits at each prompt's
     last token [P, V] (fp32) and, per layer, keys and values [N, H_kv, D] for the engine's cache.
+    With `fused` and the C kernels available, the work between the matmuls runs there, as in
+    `decode_step` (attention by `native.prefill_attend`); otherwise in PyTorch.
     """
     pos = torch.cat([torch.arange(t) for t in seq_lens])  # [N]
     ensure_rope(lm, max(seq_lens))
     x = _embed(lm, tokens, pos)  # [N, d]
+    ends = torch.tensor(seq_lens).cumsum(0) - 1  # [P]
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if fused and native.available():
+
+        def attention(i: int, w: LeanLayer, qkv: torch.Tensor) -> torch.Tensor:
+            out, k, v = native.prefill_attend(
+                qkv, lm.cos, lm.sin, pos, lm.n_heads, lm.n_kv_heads, w.scale, lm.mm_dtype
+            )  # [N, H * D], [N, H_kv, D], [N, H_kv, D]
+            kv.append((k, v))
+            return out
+
+        h = _layers_native(lm, x, attention)  # [N, d], the final norm of x
+        return _mm(h[ends], lm.lm_head).float(), kv
     rot = _rotation(lm, pos)
     hq, dh = lm.n_heads, lm.head_dim
-    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
     for w in lm.layers:
         h = _norm(x, w.norm1_w, w.norm1_b, lm.eps)  # [N, d]
         q, k, v = _qkv(lm, w, h, rot)  # [N, H, D], [N, H_kv, D], [N, H_kv, D]
         kv.append((k, v))
-        out = torch.empty(x.shape[0], hq, dh, dtype=x.dtype)  # [N, H, D]
-        start = 0
-        # Causal attention within each prompt; prompts are few and long, so a loop costs little
-        # and wastes nothing on padding or on a block-diagonal mask of size N^2.
-        for t in seq_lens:
-            sl = slice(start, start + t)
-            o = F.scaled_dot_product_attention(
-                q[sl].transpose(0, 1)[None],  # [1, H, t, D]
-                k[sl].transpose(0, 1)[None],  # [1, H_kv, t, D]
-                v[sl].transpose(0, 1)[None],  # [1, H_kv, t, D]
-                is_causal=True,
-                scale=w.scale,
-                enable_gqa=True,
-            )  # [1, H, t, D]
-            out[sl] = o[0].transpose(0, 1)  # [t, H, D]
-            start += t
+        out = _prefill_attention(q, k, v, seq_lens, w.scale)  # [N, H, D]
         x = x + _linear(out.view(x.shape[0], hq * dh), w.o_w, w.o_b)  # [N, d]
         x = x + _mlp(lm, w, _norm(x, w.norm2_w, w.norm2_b, lm.eps))  # [N, d]
-    ends = torch.tensor(seq_lens).cumsum(0) - 1  # [P]
     return _logits(lm, x[ends]), kv
+
+
+def _prefill_attention(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:
+    """Causal attention within each packed prompt: q [N, H, D], k/v [N, H_kv, D] -> [N, H, D].
+
+    Prompts are few and long, so a loop costs little and wastes nothing on padding or on a
+    block-diagonal mask of size N^2 (`native.prefill_attend` is the C version).
+    """
+    out = torch.empty_like(q)  # [N, H, D]
+    start = 0
+    for t in seq_lens:
+        sl = slice(start, start + t)
+        o = F.scaled_dot_product_attention(
+            q[sl].transpose(0, 1)[None],  # [1, H, t, D]
+            k[sl].transpose(0, 1)[None],  # [1, H_kv, t, D]
+            v[sl].transpose(0, 1)[None],  # [1, H_kv, t, D]
+            is_causal=True,
+            scale=scale,
+            enable_gqa=True,
+        )  # [1, H, t, D]
+        out[sl] = o[0].transpose(0, 1)  # [t, H, D]
+        start += t
+    return out
 
 
 def _length_mask(lens: torch.Tensor, t: int, dtype: torch.dtype) -> torch.Tensor:
@@ -425,10 +475,10 @@ def decode_step(
 
     k_cache, v_cache [L, S, H_kv, T_max, D]; tokens [B] are the rows' last tokens, pos [B] their
     positions (= tokens already cached); n_ctx = max(pos) + 1 bounds the attention span.
-    With `fused`, in fp32 and with the C kernels available, everything between the matmuls runs
-    there; otherwise in PyTorch. The two agree to float rounding (tests/unit/test_native.py).
+    With `fused` and the C kernels available, everything between the matmuls runs there; otherwise
+    in PyTorch. The two agree to float rounding (tests/unit/test_native.py).
     """
-    if fused and lm.dtype == torch.float32 and native.available():
+    if fused and native.available():
         return _decode_step_native(lm, k_cache, v_cache, tokens, pos)
     x = _embed(lm, tokens, pos)  # [B, d]
     rot = _rotation(lm, pos)
@@ -443,23 +493,39 @@ def decode_step(
 
 def _decode_step_native(lm: LeanModel, k_cache, v_cache, tokens, pos) -> torch.Tensor:
     """`decode_step` with the C kernels: per layer three matmuls' worth of oneDNN and four C calls."""
-    x = _embed(lm, tokens, pos)  # [B, d], a fresh tensor: the residual stream, updated in place
+
+    def attention(i: int, w: LeanLayer, qkv: torch.Tensor) -> torch.Tensor:
+        return native.attend(
+            qkv, lm.cos, lm.sin, pos, k_cache[i], v_cache[i], lm.n_heads, lm.n_kv_heads, w.scale, lm.mm_dtype
+        )  # [B, H * D]
+
+    h = _layers_native(lm, _embed(lm, tokens, pos), attention)  # [B, d], the final norm of x
+    return _mm(h, lm.lm_head).float()  # [B, V]
+
+
+def _layers_native(lm: LeanModel, x: torch.Tensor, attention) -> torch.Tensor:
+    """Every layer on rows x [N, d] with the C kernels between the matmuls; returns the final norm of x.
+
+    x is the residual stream (fp32), updated in place, so it must be a fresh tensor. The norms,
+    attention and the cache are fp32; every matmul reads and writes `lm.mm_dtype`, and the C calls
+    take its output and write its input in that dtype. `attention(i, layer, qkv)` returns layer i's
+    attention output [N, H * D] (decode: one new token per row over the cache; prefill: causal
+    within each packed prompt).
+    """
+    mm = lm.mm_dtype
     first = lm.layers[0]
-    h = native.add_norm(x, None, first.norm1_w, first.norm1_b, lm.eps)  # [B, d]
+    h = native.add_norm(x, None, first.norm1_w, first.norm1_b, lm.eps, mm)  # [N, d]
     for i, w in enumerate(lm.layers):
-        qkv = _linear(h, w.qkv_w, w.qkv_b)  # [B, (H + 2*H_kv) * D]
-        att = native.attend(
-            qkv, lm.cos, lm.sin, pos, k_cache[i], v_cache[i], lm.n_heads, lm.n_kv_heads, w.scale
-        )
-        h = native.add_norm(x, _linear(att, w.o_w, w.o_b), w.norm2_w, w.norm2_b, lm.eps)  # x += attn out
-        u = _linear(h, w.up_w, w.up_b)  # [B, F] or [B, 2F]
+        att = attention(i, w, _mm(h, w.qkv_w, w.qkv_b))  # [N, H * D]
+        h = native.add_norm(x, _mm(att, w.o_w, w.o_b), w.norm2_w, w.norm2_b, lm.eps, mm)  # x += attn out
+        u = _mm(h, w.up_w, w.up_b)  # [N, F] or [N, 2F]
         if lm.act == "swiglu":
-            u = native.swiglu(u)  # [B, F]
+            u = native.swiglu(u, mm)  # [N, F]
         elif lm.act == "gelu_tanh":
             u = native.gelu_tanh_(u)
         else:
             u = F.gelu(u)
         nxt = lm.layers[i + 1] if i + 1 < lm.n_layers else None
         norm_w, norm_b = (nxt.norm1_w, nxt.norm1_b) if nxt else (lm.final_w, lm.final_b)
-        h = native.add_norm(x, _linear(u, w.down_w, w.down_b), norm_w, norm_b, lm.eps)  # x += MLP out
-    return _linear(h, lm.lm_head).float()  # [B, V] (h is the final norm of x)
+        h = native.add_norm(x, _mm(u, w.down_w, w.down_b), norm_w, norm_b, lm.eps, mm)  # x += MLP out
+    return h
