@@ -115,7 +115,8 @@ def measure_peaks(dtypes: list[str], threads: int, seconds: float) -> dict[str, 
 
 
 def measure_cpu_peaks(dtypes: list[str], threads: int, seconds: float) -> dict[str, float]:
-    """Square-matmul FLOPs per CPU-second (this process, all threads), best of many 1024^3 products.
+    """Square-matmul FLOPs per CPU-second (this process, all threads), best of many 1024^3 products
+    over the GEMM libraries of `r1lab.metrics.cost.gemm_kernels`.
 
     The load-robust twin of `measure_peaks`: a neighbour stealing the core stretches wall time but
     not the CPU time of the work, so the fraction of this peak reached per CPU-second is what a step
@@ -123,18 +124,22 @@ def measure_cpu_peaks(dtypes: list[str], threads: int, seconds: float) -> dict[s
     """
     import torch
 
+    from r1lab.metrics.cost import gemm_kernels
+
     torch.set_num_threads(threads)
     out = {}
     for dtype in dtypes:
         a = torch.randn(1024, 1024).to(getattr(torch, dtype))
         b = torch.randn(1024, 1024).to(getattr(torch, dtype))
-        a @ b  # warm-up
+        fns = list(gemm_kernels(a, b).values())
         best, deadline = 0.0, time.perf_counter() + seconds
         while time.perf_counter() < deadline:
-            c0 = time.process_time()
-            for _ in range(4):
-                a @ b
-            best = max(best, 4 * 2 * 1024**3 / max(time.process_time() - c0, 1e-9))
+            for fn in fns:
+                fn()  # warm-up, and a pause between the libraries
+                c0 = time.process_time()
+                for _ in range(4):
+                    fn()
+                best = max(best, 4 * 2 * 1024**3 / max(time.process_time() - c0, 1e-9))
         out[dtype] = best
     return out
 

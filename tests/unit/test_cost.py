@@ -69,6 +69,14 @@ def test_measure_matmul_peak_is_a_plausible_rate():
     assert 1e8 < peak < 1e14  # any CPU of the last decade; not a timing assertion
 
 
+def test_every_gemm_kernel_computes_the_product():
+    a, b = torch.randn(64, 48), torch.randn(48, 80)
+    kernels = cost.gemm_kernels(a, b)
+    assert "torch.mm" in kernels
+    for name, fn in kernels.items():
+        torch.testing.assert_close(fn(), a @ b, atol=1e-4, rtol=1e-4, msg=name)
+
+
 GRPO = """model: some-model
 task: {name: arithmetic}
 sampling: {max_tokens: 50}

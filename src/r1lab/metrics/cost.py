@@ -13,7 +13,7 @@ reused for several epochs. Attention's own FLOPs (about 2 x layers x context x w
 left out: at the context lengths of these recipes they are a few percent of 2N.
 
 Wall time is FLOPs / (peak x utilisation). *Here*, the peak is measured (`measure_matmul_peak`: big
-square matmuls, best of a few) and the achieved fractions default to what this project measured on
+square matmuls, best of a few, over the GEMM libraries PyTorch has: MKL and oneDNN) and the achieved fractions default to what this project measured on
 a 2-core CPU for models of ~30M parameters: about 0.35 of the matmul peak while generating
 (token-by-token decoding is memory- and overhead-bound) and 0.6 while training (large batched
 matmuls). Tiny models (a few M parameters) reach less while generating (~0.2): Python overhead per
@@ -73,11 +73,36 @@ def gpu_spec(name: str) -> GPUSpec:
     return GPU_SPECS[key]
 
 
+def gemm_kernels(a, b) -> dict[str, object]:
+    """The ways PyTorch can multiply a [n, k] by b [k, m] on this device, as zero-argument callables.
+
+    `torch.mm` is what `a @ b` dispatches to (on x86 CPUs, MKL for fp32 and oneDNN for bf16); on CPU,
+    `onednn` is oneDNN's GEMM on a pre-packed weight, what the rollout engine runs. They differ a lot
+    by CPU vendor: on an AMD EPYC with AVX-512 (Zen 5) MKL's fp32 GEMM runs AVX2 code at ~195 GFLOP/s
+    where oneDNN's reaches ~460, so a roofline against `torch.mm` alone would flatter everything
+    measured against it.
+    """
+    import torch
+
+    kernels = {"torch.mm": lambda: a @ b}
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if a.device.type == "cpu" and mkldnn is not None and torch.backends.mkldnn.is_available():
+        try:
+            packed = mkldnn._reorder_linear_weight(b.t().contiguous(), a.shape[0])  # [m, k] as a linear
+            mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+            kernels["onednn"] = lambda: mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+        except (RuntimeError, AttributeError):  # no oneDNN kernel for this dtype on this CPU
+            pass
+    return kernels
+
+
 def measure_matmul_peak(dtype: str = "float32", seconds: float = 2.0, device: str = "cpu") -> float:
-    """Best FLOP/s of square matmuls on this machine, sized so one product takes >= ~20 ms.
+    """Best FLOP/s of square matmuls on this machine, sized so one product takes >= ~20 ms, over every
+    GEMM library PyTorch can use here (`gemm_kernels`).
 
     The size doubles from 256 until a product is slow enough to time (or hits 2048 on CPU, 8192 on
-    GPU); then batches of products are timed until `seconds` have passed, and the best batch wins.
+    GPU); then batches of products are timed, each library in turn, until `seconds` have passed, and
+    the best batch wins.
     """
     import torch
 
@@ -87,11 +112,11 @@ def measure_matmul_peak(dtype: str = "float32", seconds: float = 2.0, device: st
     cap = 8192 if dev.type == "cuda" else 2048
     deadline = time.perf_counter() + seconds
 
-    def timed(a, b, reps: int) -> float:
+    def timed(fn, reps: int) -> float:
         sync()
         t0 = time.perf_counter()
         for _ in range(reps):
-            a @ b
+            fn()
         sync()
         return time.perf_counter() - t0
 
@@ -99,17 +124,19 @@ def measure_matmul_peak(dtype: str = "float32", seconds: float = 2.0, device: st
     while True:
         a = torch.randn(n, n, device=dev).to(dt)
         b = torch.randn(n, n, device=dev).to(dt)
-        timed(a, b, 1)  # warm-up: thread pools, kernel selection
-        one = timed(a, b, 1)
+        fns = list(gemm_kernels(a, b).values())
+        for fn in fns:
+            timed(fn, 1)  # warm-up: thread pools, kernel selection
+        one = min(timed(fn, 1) for fn in fns)
         if one >= 0.02 or n >= cap or time.perf_counter() > deadline:
             break
         n *= 2
     reps = max(1, int(0.1 / max(one, 1e-6)))  # ~0.1 s per timed batch
     best = 2 * n**3 / one
     for _ in range(3):  # at least a few batches, then as many as the time allows
-        best = max(best, 2 * n**3 * reps / timed(a, b, reps))
+        best = max(best, *(2 * n**3 * reps / timed(fn, reps) for fn in fns))
     while time.perf_counter() < deadline:
-        best = max(best, 2 * n**3 * reps / timed(a, b, reps))
+        best = max(best, *(2 * n**3 * reps / timed(fn, reps) for fn in fns))
     return best
 
 
