@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from r1lab.modeling import build_char_tokenizer, build_model, token_logprobs
+from r1lab.modeling import packing
 from r1lab.modeling.packing import pack_micro_batches, packed_token_logprobs, packing_supported
 
 TOK = build_char_tokenizer()
@@ -28,7 +29,9 @@ def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("preset", ["gpt2-1m", "qwen2-4m"])
-def test_packed_logprobs_and_gradients_equal_the_padded_ones(preset):
+@pytest.mark.parametrize("math_width", [packing.MATH_ATTENTION_MAX_WIDTH, 0])  # math kernel, then flash
+def test_packed_logprobs_and_gradients_equal_the_padded_ones(preset, math_width, monkeypatch):
+    monkeypatch.setattr(packing, "MATH_ATTENTION_MAX_WIDTH", math_width)
     model = build_model(preset, TOK, seed=0)
     seqs = ragged(11, seed=preset == "gpt2-1m")
     weights = torch.randn(len(seqs), max(map(len, seqs)) - 1)  # [B, L-1] a loss touching every position

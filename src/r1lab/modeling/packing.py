@@ -83,7 +83,8 @@ def packed_token_logprobs(
     ids, pos = packed_tensors([[seqs[i] for i in row] for row in layout], row_len)  # [R, W] each
     dev = next(model.parameters()).device
     ids, pos = ids.to(dev), pos.to(dev)
-    out = model(input_ids=ids, position_ids=pos, use_cache=False)  # logits [R, W, V]
+    with attention_backend(dev, ids.shape[1]):
+        out = model(input_ids=ids, position_ids=pos, use_cache=False)  # logits [R, W, V]
     # the logits whole (position k scores ids[:, k+1]; the last is ignored): slicing would copy them
     logp, entropy = _GatherLogSoftmax.apply(out.logits, ids[:, 1:], float(temperature), True)  # [R, W-1]
     width = ids.shape[1]
@@ -104,6 +105,30 @@ def packed_token_logprobs(
         return flat[index]
 
     return unpack(logp), unpack(entropy)
+
+
+#: Rows up to this many tokens run PyTorch's math attention on CPU (see `attention_backend`).
+MATH_ATTENTION_MAX_WIDTH = 512
+
+
+def attention_backend(device: torch.device, width: int):
+    """The SDPA backend for packed rows of `width` tokens: on CPU, for short rows, the math kernel.
+
+    Under the block-diagonal mask of packed rows, PyTorch's CPU flash-attention kernel (forward and
+    above all backward) costs far more than its FLOPs at these widths: the GRPO update of
+    benchmarks/train_throughput.py (64 sequences of 30-90 tokens, rows of ~90) took 0.31 s with it
+    and 0.25 s with the math kernel (two batched matmuls and a softmax) at qwen2-4m in bf16, 1.90
+    vs 1.62 s at qwen2-34m; in fp32 0.61 vs 0.58 and 4.54 vs 4.20 s (AVX-512 EPYC, 2 threads). The
+    math kernel holds a [rows, heads, W, W] score tensor, so long rows keep the default. GPUs keep
+    their fused kernels. Same values up to float rounding (tests/unit/test_packing.py).
+    """
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if device.type == "cpu" and width <= MATH_ATTENTION_MAX_WIDTH:
+        return sdpa_kernel([SDPBackend.MATH])
+    return nullcontext()
 
 
 def packing_supported(model) -> bool:
