@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from r1lab.modeling import build_char_tokenizer, build_model, token_logprobs
-from r1lab.modeling import packing
+from r1lab.modeling import build_char_tokenizer, build_model, packing, token_logprobs
 from r1lab.modeling.packing import pack_micro_batches, packed_token_logprobs, packing_supported
 
 TOK = build_char_tokenizer()
