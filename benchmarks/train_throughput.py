@@ -95,6 +95,7 @@ def worker(spec: dict) -> dict:
 
     from r1lab.metrics.cost import measure_matmul_peak
     from r1lab.modeling import build_char_tokenizer, build_model, matmul_params
+    from r1lab.modeling.onednn import use_onednn_linears
     from r1lab.modeling.train_state import make_optimizer, make_scheduler
     from r1lab.rl import grpo
     from r1lab.rl.config import GRPOConfig
@@ -102,6 +103,8 @@ def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     tok = build_char_tokenizer()
     model = build_model(spec["size"], tok, seed=0).train()
+    if spec["path"] != "model-only":
+        use_onednn_linears(model)  # as the trainers do (fp32 on CPU, where oneDNN wins)
     rows = grpo_rows(tok, spec["rows"], seed=0)
     bf16 = spec["dtype"] == "bfloat16"
     cfg = GRPOConfig.model_validate(

@@ -136,6 +136,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     from r1lab.metrics.progress import StepProgress
     from r1lab.modeling import build_char_tokenizer, build_model, matmul_params, save_checkpoint
+    from r1lab.modeling.onednn import use_onednn_linears
     from r1lab.modeling.train_state import make_optimizer, make_scheduler, use_bf16
 
     if cfg.threads:
@@ -147,6 +148,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     tokenizer = build_char_tokenizer()
     model = build_model(cfg.preset, tokenizer, seed=cfg.seed)
+    use_onednn_linears(model)  # fp32 on CPU: oneDNN's GEMM where it beats MKL's
     rows = corpus_rows(cfg, tokenizer)
     t = cfg.train
     batches = length_batches(rows, t.batch_size, t.steps, cfg.seed)

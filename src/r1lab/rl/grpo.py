@@ -29,6 +29,7 @@ from r1lab.config import R1labError, dump_config
 from r1lab.metrics import RunDir, emergence_stats
 from r1lab.metrics.progress import StepProgress
 from r1lab.modeling import load_model, matmul_params, save_checkpoint, token_logprobs
+from r1lab.modeling.onednn import use_onednn_linears
 from r1lab.modeling.packing import pack_micro_batches, packed_token_logprobs, packing_supported
 from r1lab.modeling.train_state import (
     load_train_state,
@@ -332,11 +333,13 @@ def train(cfg: GRPOConfig, resume: bool = False) -> dict:
     eval_problems = load_task(eval_spec)[: cfg.eval_problems]
     model, tokenizer = load_model(latest if (resume and latest) else cfg.model)
     model.to(device)
+    use_onednn_linears(model)  # fp32 on CPU: oneDNN's GEMM where it beats MKL's
     ref_model = None
     if cfg.rl.kl_coef > 0:
         ref_model, _ = load_model(cfg.model)
         ref_model.to(device)
         ref_model.requires_grad_(False).eval()
+        use_onednn_linears(ref_model)
     optimizer = make_optimizer(model, cfg.rl.lr, cfg.rl.weight_decay, cfg.rl.betas)
     total_opt_steps = cfg.rl.steps * cfg.rl.epochs * cfg.rl.minibatches
     scheduler = make_scheduler(optimizer, cfg.rl.lr_schedule, cfg.rl.warmup_steps, total_opt_steps)

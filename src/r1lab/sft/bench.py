@@ -26,6 +26,7 @@ import torch
 
 from r1lab.config import TaskSpec
 from r1lab.modeling import build_char_tokenizer, build_model
+from r1lab.modeling.onednn import use_onednn_linears
 from r1lab.modeling.train_state import make_optimizer
 from r1lab.sft.data import Example, encode, epoch_steps, step_micro_batches
 from r1lab.sft.train import accumulate
@@ -106,6 +107,7 @@ def main(argv=None) -> dict:
                 for _ in range(args.rounds):
                     for how in ("bucket", "pack"):
                         model = build_model(preset, tok, seed=0).train()
+                        use_onednn_linears(model)  # as `r1lab sft` does
                         rate, pad_frac = run_mode(
                             model,
                             examples,

@@ -32,6 +32,7 @@ from r1lab.config import R1labError, dump_config
 from r1lab.metrics import RunDir
 from r1lab.metrics.progress import StepProgress
 from r1lab.modeling import load_model, matmul_params, save_checkpoint
+from r1lab.modeling.onednn import use_onednn_linears
 from r1lab.modeling.packing import packing_supported
 from r1lab.modeling.train_state import (
     load_train_state,
@@ -132,6 +133,7 @@ def train(cfg: SFTConfig, resume: bool = False, stop_after: int | None = None) -
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model, tokenizer = load_model(latest if (resume and latest) else cfg.model, device=device)
+    use_onednn_linears(model)  # fp32 on CPU: oneDNN's GEMM where it beats MKL's
     if cfg.batching == "pack" and not packing_supported(model):
         raise R1labError(
             f"{cfg.model}: batching=pack needs a model that keeps packed sequences apart (given position "
