@@ -19,7 +19,8 @@ off, `rl.skip_zero_advantage`); `r1lab-noskip` trains every row, as TRL does: th
 within each round is printed too (the machine's speed drifts by more than the systems differ).
 
 Learning. A qwen2-4m base (`r1lab pretrain`, or `--base`) is trained `--learn-steps` GRPO steps by
-both systems with the same seed and prompts; both reward curves are printed and saved
+both systems with the same seed and prompts, in fp32 or both in bf16 (`--learn-dtype`); both
+reward curves are printed and saved
 (`benchmarks/results/grpo_vs_trl_rewards.{json,png}`) and `r1lab eval` scores the three models.
 
 benchmarks/README.md explains every choice. The last line printed is one JSON object with every
@@ -370,7 +371,7 @@ def learning(args, tmp: Path) -> dict:
     runs, finals = {}, {"base": args.base or str(base / "model")}
     for system in ("r1lab", "trl"):
         log(f"learning: {system}, {args.learn_steps} GRPO steps from the base")
-        spec = {"kind": system, "model": finals["base"], "dtype": "float32", "steps": args.learn_steps}
+        spec = {"kind": system, "model": finals["base"], "dtype": args.learn_dtype, "steps": args.learn_steps}
         spec.update(warmup=0, seed=args.seed, lr=args.learn_lr, threads=args.threads, task=task)
         spec.update(save=str(tmp / "trl-final"), run_dir=str(tmp / "r1lab-learn"))
         r = run_child(SCRIPT, spec, args.timeout)
@@ -393,6 +394,7 @@ def learning(args, tmp: Path) -> dict:
     out = {
         "steps": args.learn_steps,
         "lr": args.learn_lr,
+        "dtype": args.learn_dtype,
         "pretrain_steps": n,
         "task": task,
         "base": args.base,
@@ -408,7 +410,9 @@ def learning(args, tmp: Path) -> dict:
 
 def print_learning(out: dict) -> None:
     base_name = out.get("base") or "qwen2-4m base (pretrained here)"
-    print(f"\nlearning: {base_name}, {out['steps']} GRPO steps, lr {out['lr']}, same seed and prompts")
+    print(
+        f"\nlearning: {base_name}, {out['steps']} GRPO steps, lr {out['lr']}, {out['dtype']}, same seed and prompts"
+    )
     for system, run in out["curves"].items():
         xs = run.get("rewards") or [float("nan")]
         k = max(1, len(xs) // 4)  # mean of the first and last quarter: single steps are noisy
@@ -445,6 +449,12 @@ def parse_args(argv=None):
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--learn-steps", type=int, default=20)
     p.add_argument("--learn-lr", type=float, default=2e-4)
+    p.add_argument(
+        "--learn-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="both systems' precision in the learning run (bfloat16: r1lab's bf16 engine and autocast, TRL's bf16=True)",
+    )
     p.add_argument("--learn-digits", type=int, default=2, help="operands of at most this many digits")
     p.add_argument(
         "--learn-min-digits",

@@ -195,7 +195,8 @@ def prefill_attend(qkv, cos, sin, pos, n_heads: int, n_kv_heads: int, scale: flo
 
     qkv [N, (H + 2 H_kv) * D] as in `attend`; pos [N] int64: each token's position in its prompt
     (0 where a prompt starts). Returns the attention output [N, H * D] in `out_dtype` and the rotated
-    keys and the values [N, H_kv, D] (fp32), what the engine caches. Same as `kernels._prefill_attend`.
+    keys and the values [N, H_kv, D] (fp32), what the engine caches. Same as `kernels._rope` of q and k
+    then `kernels._prefill_attention`.
     """
     lib = _need()
     _check("prefill_attend", bf16=(qkv,))
