@@ -139,7 +139,8 @@ def test_prefill_attend_is_causal_within_each_packed_prompt(heads, kv_heads, dim
 @needs_kernel
 def test_prefill_attend_refuses_positions_that_do_not_restart_per_prompt():
     qkv = torch.randn(4, 4 * 16)
-    for bad in (torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, -1, 0]), torch.tensor([0, 1, 2, 30])):
+    bad_positions = ([1, 2, 3, 4], [0, 1, -1, 0], [0, 1, 2, 30], [0, 1, 0, 3], [0, 1, 1, 1], [0, 1, 2, 1])
+    for bad in map(torch.tensor, bad_positions):
         with pytest.raises(ValueError, match="restart at 0"):
             native.prefill_attend(qkv, torch.zeros(8, 8), torch.zeros(8, 8), bad, 2, 1, 1.0)
     with pytest.raises(ValueError, match="one position per token"):

@@ -38,6 +38,9 @@ def test_layer_forward_and_gradients_equal_the_original(kind):
     x, g = torch.randn(3, 7, 48), torch.randn(3, 7, 80)
     for got, want in zip(grads_of(fast, x, g), grads_of(plain, x, g), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # a drop-in: the output may be modified in place, as nn.Linear's may
+    y = fast(x.requires_grad_(True))
+    y.add_(1.0).sum().backward()
     # outside fp32-on-CPU (here bf16 autocast) the original forward runs
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast(x).dtype == torch.bfloat16

@@ -41,26 +41,33 @@ def _mm(x2: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> tor
 
 
 class _OneDNNLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        ctx.save_for_backward(x2, weight)
-        ctx.in_shape, ctx.has_bias = x.shape, bias is not None
-        return _mm(x2, weight, bias).view(*x.shape[:-1], weight.shape[0])  # [..., out]
+    """x2 [N, in] -> [N, out]. 2-D in and out: a view made inside a Function could not be modified
+    in place by the caller, so `_linear` reshapes around it."""
 
     @staticmethod
-    def backward(ctx, grad):
-        x2, weight = ctx.saved_tensors
-        g2 = grad.reshape(-1, grad.shape[-1])  # [N, out]
+    def forward(ctx, x2, weight, bias):
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias = bias is not None
+        return _mm(x2, weight, bias)  # [N, out]
+
+    @staticmethod
+    def backward(ctx, g2):
+        x2, weight = ctx.saved_tensors  # g2 [N, out]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _mm(g2, weight.t()).view(ctx.in_shape)  # [N, out] @ [out, in]
+            gx = _mm(g2, weight.t())  # [N, out] @ [out, in]
         if ctx.needs_input_grad[1]:
             # [out, N] @ [N, in]; oneDNN wants the reduction dim last in both operands
             gw = _mm(g2.t().contiguous(), x2.t().contiguous())  # [out, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)  # [out]
         return gx, gw, gb
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] -> [..., out] through `_OneDNNLinearFn`."""
+    y = _OneDNNLinearFn.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # [N, out]
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _oneDNN_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -77,7 +84,7 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _oneDNN_applies(x, self.weight):
-            return _OneDNNLinearFn.apply(x, self.weight, self.bias)
+            return _linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -86,7 +93,7 @@ class OneDNNConv1D(Conv1D):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _oneDNN_applies(x, self.weight):
-            return _OneDNNLinearFn.apply(x, self.weight.t(), self.bias)  # the gradient flows through .t()
+            return _linear(x, self.weight.t(), self.bias)  # the gradient flows through .t()
         return super().forward(x)
 
 
@@ -121,7 +128,7 @@ def onednn_is_faster() -> bool:
 
     try:
         ref_s, ref = run(lambda a, b: F.linear(a, b))
-        got_s, got = run(lambda a, b: _OneDNNLinearFn.apply(a, b, None))
+        got_s, got = run(lambda a, b: _linear(a, b, None))
     except (RuntimeError, AttributeError):
         return False
     scale = float(ref[0].abs().max())

@@ -241,7 +241,8 @@ int r1lab_attend(const void *qkv, int64_t qkv_sb, int qkv_bf16, const float *cos
  * of its prompt, which starts at token n - pos[n], and attends to that prompt's tokens up to itself.
  * qkv as in r1lab_attend, [N, (H + 2 Hkv) * D]. k_out, v_out [N, Hkv, D] fp32 receive every token's
  * rotated key and its value (what the engine caches); out [N, H * D] (fp32, or bf16 when out_bf16).
- * Returns -1, touching nothing, if some pos[n] is not in [0, min(n + 1, tmax)), -2 without memory. */
+ * Returns -1, touching nothing, unless every pos[n] is 0 or pos[n - 1] + 1 and below tmax; -2 without
+ * memory. */
 int r1lab_prefill_attend(const void *qkv, int64_t qkv_sb, int qkv_bf16, const float *cos_t, const float *sin_t,
                          const int64_t *pos, float *k_out, float *v_out, void *out, int out_bf16, int64_t N,
                          int64_t H, int64_t Hkv, int64_t D, int64_t tmax, float scale, int threads) {
@@ -249,7 +250,8 @@ int r1lab_prefill_attend(const void *qkv, int64_t qkv_sb, int qkv_bf16, const fl
     int64_t longest = 0;
     int failed = 0;
     for (int64_t n = 0; n < N; ++n) {
-        if (pos[n] < 0 || pos[n] > n || pos[n] >= tmax) return -1;
+        /* a prompt starts at 0 and counts up by one: nothing else keeps tokens inside their prompt */
+        if (pos[n] >= tmax || (pos[n] != 0 && (n == 0 || pos[n] != pos[n - 1] + 1))) return -1;
         longest = pos[n] + 1 > longest ? pos[n] + 1 : longest;
     }
     #pragma omp parallel num_threads(threads)
