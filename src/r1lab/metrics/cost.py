@@ -13,10 +13,11 @@ reused for several epochs. Attention's own FLOPs (about 2 x layers x context x w
 left out: at the context lengths of these recipes they are a few percent of 2N.
 
 Wall time is FLOPs / (peak x utilisation). *Here*, the peak is measured (`measure_matmul_peak`: big
-square matmuls, best of a few, over the GEMM libraries PyTorch has: MKL and oneDNN) and the achieved fractions default to what this project measured on
-a 2-core CPU for models of ~30M parameters: about 0.35 of the matmul peak while generating
-(token-by-token decoding is memory- and overhead-bound) and 0.6 while training (large batched
-matmuls). Tiny models (a few M parameters) reach less while generating (~0.2): Python overhead per
+square matmuls, best of a few, over the GEMM libraries PyTorch has: MKL and oneDNN) and the achieved
+fractions default to what this project measured on a 2-core CPU for models of ~30M parameters:
+about 0.35 of the matmul peak while generating (token-by-token decoding is memory- and
+overhead-bound; 0.45-0.5 at batch 64 without early stops) and 0.5 while training (large batched
+matmuls; 0.49-0.51 for the GRPO update at qwen2-34m on the AVX-512 EPYC, in bf16 and fp32). Tiny models (a few M parameters) reach less while generating (~0.2): Python overhead per
 token dominates. *On a GPU*, the peak is the datasheet's dense bf16 figure (`GPU_SPECS`) and the
 utilisation is a stated MFU, separately for training (~0.4 is typical of a tuned trainer) and for
 generation (~0.2: decoding is bound by memory bandwidth, even with vLLM's large batches).
@@ -55,7 +56,7 @@ GPU_SPECS: dict[str, GPUSpec] = {
 
 #: Fractions of the measured matmul peak reached here (see the module docstring).
 DEFAULT_GEN_FRACTION = 0.35
-DEFAULT_TRAIN_FRACTION = 0.6
+DEFAULT_TRAIN_FRACTION = 0.5
 #: Model FLOPs utilisation assumed on a GPU.
 DEFAULT_MFU = 0.4
 DEFAULT_GEN_MFU = 0.2
