@@ -118,11 +118,8 @@ def test_prefill_attend_is_causal_within_each_packed_prompt(heads, kv_heads, dim
     qkv = qkv.bfloat16() if bf16 else qkv
     cos, sin = torch.randn(20, dim // 2, generator=gen), torch.randn(20, dim // 2, generator=gen)
     tables = (cos, sin) if rope else (None, None)
-    q, k, v = qkv.float().view(n, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], 1)
-    if rope:
-        rot = (cos[pos][:, None], sin[pos][:, None])
-        q, k = kernels._rope(q, *rot), kernels._rope(k, *rot)
-    want = kernels._prefill_attention(q.contiguous(), k, v, lens, 0.3).reshape(n, -1)
+    rot = (cos[pos][:, None], sin[pos][:, None]) if rope else None
+    want, k, v = kernels._prefill_attend(qkv.float(), rot, lens, heads, kv_heads, 0.3)
     out_dtype = torch.bfloat16 if bf16 else torch.float32
     got, got_k, got_v = native.prefill_attend(qkv, *tables, pos, heads, kv_heads, 0.3, out_dtype)
     assert got.dtype == out_dtype and got_k.dtype == got_v.dtype == torch.float32

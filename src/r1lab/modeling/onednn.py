@@ -47,7 +47,6 @@ class _OneDNNLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, bias):
         ctx.save_for_backward(x2, weight)
-        ctx.has_bias = bias is not None
         return _mm(x2, weight, bias)  # [N, out]
 
     @staticmethod
@@ -59,7 +58,7 @@ class _OneDNNLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # [out, N] @ [N, in]; oneDNN wants the reduction dim last in both operands
             gw = _mm(g2.t().contiguous(), x2.t().contiguous())  # [out, in]
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             gb = g2.sum(0)  # [out]
         return gx, gw, gb
 

@@ -15,7 +15,7 @@ calls per layer:
   different lengths share one batch instead of padding the prompts. Everything between the
   matmuls (norms, RoPE, cache writes, attention, activation) runs in the C kernels of `native.py`
   where they could be built (~1.3x faster decode steps at qwen2-4m's shape); otherwise in PyTorch
-  (`_attend`, `decode_attention`, `_prefill_attention`), which is also what the kernels are checked
+  (`_attend`, `decode_attention`, `_prefill_attend`), which is also what the kernels are checked
   against.
 
 The cache is preallocated by the engine: `k, v: [L, S, H_kv, T_max, D]` (S row slots). Head-major
@@ -332,18 +332,6 @@ def _rotation(lm: LeanModel, pos: torch.Tensor):
     return lm.cos[pos][:, None], lm.sin[pos][:, None]
 
 
-def _qkv(lm: LeanModel, w: LeanLayer, h: torch.Tensor, rot):
-    """Project and position-encode; h [N, d] -> q [N, H, D], k [N, H_kv, D], v [N, H_kv, D]."""
-    n, hq, hkv, dh = h.shape[0], lm.n_heads, lm.n_kv_heads, lm.head_dim
-    qkv = _linear(h, w.qkv_w, w.qkv_b).view(n, hq + 2 * hkv, dh)  # [N, H + 2*H_kv, D]
-    if rot is None:
-        qk = qkv[:, : hq + hkv]  # [N, H + H_kv, D]
-    else:
-        # q and k heads are adjacent in the fused projection: one rotation covers both.
-        qk = _rope(qkv[:, : hq + hkv], *rot)  # [N, H + H_kv, D]
-    return qk[:, :hq], qk[:, hq:], qkv[:, hq + hkv :]
-
-
 def _embed(lm: LeanModel, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     x = F.embedding(tokens, lm.embed)  # [N, d]
     if lm.pos_embed is not None:
@@ -384,15 +372,29 @@ def prefill(lm: LeanModel, tokens: torch.Tensor, seq_lens: list[int], fused: boo
         h = _layers_native(lm, x, attention)  # [N, d], the final norm of x
         return _mm(h[ends], lm.lm_head).float(), kv
     rot = _rotation(lm, pos)
-    hq, dh = lm.n_heads, lm.head_dim
     for w in lm.layers:
-        h = _norm(x, w.norm1_w, w.norm1_b, lm.eps)  # [N, d]
-        q, k, v = _qkv(lm, w, h, rot)  # [N, H, D], [N, H_kv, D], [N, H_kv, D]
+        qkv = _linear(_norm(x, w.norm1_w, w.norm1_b, lm.eps), w.qkv_w, w.qkv_b)  # [N, (H + 2*H_kv) * D]
+        out, k, v = _prefill_attend(qkv, rot, seq_lens, lm.n_heads, lm.n_kv_heads, w.scale)
         kv.append((k, v))
-        out = _prefill_attention(q, k, v, seq_lens, w.scale)  # [N, H, D]
-        x = x + _linear(out.view(x.shape[0], hq * dh), w.o_w, w.o_b)  # [N, d]
+        x = x + _linear(out, w.o_w, w.o_b)  # [N, d]
         x = x + _mlp(lm, w, _norm(x, w.norm2_w, w.norm2_b, lm.eps))  # [N, d]
     return _logits(lm, x[ends]), kv
+
+
+def _prefill_attend(qkv, rot, seq_lens: list[int], n_heads: int, n_kv_heads: int, scale: float):
+    """RoPE and causal attention of packed prompts in PyTorch (`native.prefill_attend` in C).
+
+    qkv [N, (H + 2 H_kv) * D], the fused projection; rot from `_rotation(lm, pos)` or None. Returns
+    the attention output [N, H * D] and the rotated keys and the values [N, H_kv, D] (the cache's).
+    """
+    n = qkv.shape[0]
+    qkv = qkv.view(n, n_heads + 2 * n_kv_heads, -1)  # [N, H + 2*H_kv, D]
+    qk = qkv[:, : n_heads + n_kv_heads]  # [N, H + H_kv, D]
+    if rot is not None:
+        # q and k heads are adjacent in the fused projection: one rotation covers both.
+        qk = _rope(qk, *rot)
+    q, k, v = qk[:, :n_heads], qk[:, n_heads:], qkv[:, n_heads + n_kv_heads :]
+    return _prefill_attention(q, k, v, seq_lens, scale).reshape(n, -1), k, v
 
 
 def _prefill_attention(q, k, v, seq_lens: list[int], scale: float) -> torch.Tensor:

@@ -195,8 +195,7 @@ def prefill_attend(qkv, cos, sin, pos, n_heads: int, n_kv_heads: int, scale: flo
 
     qkv [N, (H + 2 H_kv) * D] as in `attend`; pos [N] int64: each token's position in its prompt
     (0 where a prompt starts). Returns the attention output [N, H * D] in `out_dtype` and the rotated
-    keys and the values [N, H_kv, D] (fp32), what the engine caches. Same as `kernels._rope` of q and k
-    then `kernels._prefill_attention`.
+    keys and the values [N, H_kv, D] (fp32), what the engine caches. Same as `kernels._prefill_attend`.
     """
     lib = _need()
     _check("prefill_attend", bf16=(qkv,))
@@ -344,15 +343,10 @@ def _probe() -> str | None:
         pos = torch.cat([torch.arange(t) for t in lens])
         rows = sum(lens)
         qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=gen)
+        rot = (cos[pos][:, None], sin[pos][:, None]) if rope else None
         for half in (False, True):
             qkv_in = qkv.bfloat16() if half else qkv
-            q, k, v = qkv_in.float().view(rows, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], 1)
-            if rope:
-                q, k = (
-                    kernels._rope(q, cos[pos][:, None], sin[pos][:, None]),
-                    kernels._rope(k, cos[pos][:, None], sin[pos][:, None]),
-                )
-            ref = kernels._prefill_attention(q * 1.0, k, v, lens, 0.25).reshape(rows, -1)
+            ref, k, v = kernels._prefill_attend(qkv_in.float(), rot, lens, heads, kv_heads, 0.25)
             out_dtype = torch.bfloat16 if half else torch.float32
             got, got_k, got_v = prefill_attend(qkv_in, *tables, pos, heads, kv_heads, 0.25, out_dtype)
             if not (close_to(got, ref, half) and torch.allclose(got_k, k, **close) and torch.equal(got_v, v)):
