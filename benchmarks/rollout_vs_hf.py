@@ -51,7 +51,7 @@ import torch.nn.functional as F
 
 from r1lab.modeling import build_model
 from r1lab.modeling.tokenizer import build_char_tokenizer
-from r1lab.rollout import CPUEngine, SamplingParams, kernels, native
+from r1lab.rollout import CPUEngine, SamplingParams, kernels, lean, native
 
 
 def make_prompts(n: int, seed: int = 0) -> list[list[dict[str, str]]]:
@@ -241,7 +241,7 @@ def grad_modes(engine, args) -> dict:
     b, t0, steps = args.batch, 32, 16
     shape = (lm.n_layers, b, lm.n_kv_heads, t0 + steps, lm.head_dim)
     k, v = torch.zeros(shape, dtype=lm.dtype), torch.zeros(shape, dtype=lm.dtype)
-    kernels.ensure_rope(lm, t0 + steps)
+    lean.ensure_rope(lm, t0 + steps)
     rates: dict[str, float] = {}
     for _ in range(args.reps):
         for name, mode in (("inference_mode", torch.inference_mode), ("no_grad", torch.no_grad)):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_rollout import TOK, build
 
-from r1lab.rollout import CPUEngine, SamplingParams, kernels, native
+from r1lab.rollout import CPUEngine, SamplingParams, kernels, lean, native
 from r1lab.rollout.sampling import RowParams, derive_key, sample
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason=f"native kernels: {native.reason}")
@@ -240,8 +240,8 @@ def test_disabled_by_environment_falls_back_to_pytorch(fresh_native, monkeypatch
     with pytest.raises(RuntimeError, match="R1LAB_NATIVE=0"):
         fresh_native.swiglu(torch.randn(2, 8))
     model = build("qwen2")
-    lm = kernels.lean_from_hf(model, torch.float32)
-    kernels.ensure_rope(lm, 8)
+    lm = lean.lean_from_hf(model, torch.float32)
+    lean.ensure_rope(lm, 8)
     cache = torch.zeros(lm.n_layers, 1, lm.n_kv_heads, 8, lm.head_dim)
     with torch.inference_mode():
         got = kernels.decode_step(lm, cache, cache.clone(), torch.tensor([5]), torch.tensor([0]), 1)

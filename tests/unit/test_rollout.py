@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from r1lab.config import R1labError
-from r1lab.rollout import CPUEngine, SamplingParams, kernels, make_sampler
+from r1lab.rollout import CPUEngine, SamplingParams, kernels, lean, make_sampler
 from r1lab.rollout.detok import TextStream
 from r1lab.rollout.sampling import RowParams, sample, top_p_mask
 
@@ -104,8 +104,8 @@ def hf_greedy(model, prompt_ids: list[list[int]], max_new: int) -> list[list[int
 def test_lean_prefill_and_decode_match_hf_logits(lean_model, fused, dtype):
     """fp32 to float rounding; bf16 matmuls (fp32 around them) against HF under bf16 autocast, the
     same arithmetic, to bf16 rounding (logits here span about +-30)."""
-    lm = kernels.lean_from_hf(lean_model, dtype)
-    assert isinstance(lm, kernels.LeanModel) and lm.dtype == torch.float32 and lm.mm_dtype == dtype
+    lm = lean.lean_from_hf(lean_model, dtype)
+    assert isinstance(lm, lean.LeanModel) and lm.dtype == torch.float32 and lm.mm_dtype == dtype
     tol = dict(atol=1e-4, rtol=0) if dtype == torch.float32 else dict(atol=0.25, rtol=0.02)
     seqs = [torch.randint(4, V, (t,)) for t in (5, 11, 2)]
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype != torch.float32):
@@ -117,7 +117,7 @@ def test_lean_prefill_and_decode_match_hf_logits(lean_model, fused, dtype):
             torch.testing.assert_close(logits[i], ref[i][-2], **tol)
         shape = (lm.n_layers, 4, lm.n_kv_heads, 16, lm.head_dim)
         k_cache, v_cache = torch.zeros(shape), torch.zeros(shape)
-        kernels.ensure_rope(lm, 16)
+        lean.ensure_rope(lm, 16)
         start = 0
         for row, s in enumerate(seqs):
             t = len(s) - 1
@@ -134,7 +134,7 @@ def test_lean_prefill_and_decode_match_hf_logits(lean_model, fused, dtype):
 
 
 def test_unsupported_architecture_falls_back_to_hf():
-    assert isinstance(kernels.lean_from_hf(build("neox"), torch.float32), str)
+    assert isinstance(lean.lean_from_hf(build("neox"), torch.float32), str)
     assert CPUEngine(build("neox"), TOK).fallback_reason is not None
 
 

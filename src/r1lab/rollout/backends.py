@@ -16,13 +16,13 @@ import inspect
 
 import torch
 
-from r1lab.rollout import kernels
+from r1lab.rollout import kernels, lean
 
 
 class LeanBackend:
     """Slots in one preallocated cache, forwards from `kernels`."""
 
-    def __init__(self, lm: kernels.LeanModel):
+    def __init__(self, lm: lean.LeanModel):
         self.lm = lm
         self.max_len = lm.max_len
         self.k = self.v = torch.empty(0)
@@ -48,7 +48,7 @@ class LeanBackend:
             k[:, :old_rows, :, :old_len] = self.k
             v[:, :old_rows, :, :old_len] = self.v
         self.k, self.v = k, v
-        kernels.ensure_rope(lm, length)
+        lean.ensure_rope(lm, length)
 
     def prefill(self, prompts: list[list[int]], fused: bool = True) -> tuple[torch.Tensor, list[object]]:
         lens = [len(p) for p in prompts]

@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 
 from r1lab.config import R1labError
-from r1lab.rollout import kernels
+from r1lab.rollout import lean
 from r1lab.rollout.backends import HFBackend, LeanBackend
 from r1lab.rollout.base import Completion, Prompt, SamplingParams, StepOutput
 from r1lab.rollout.detok import TextStream
@@ -146,14 +146,14 @@ class CPUEngine:
     def sync_weights(self) -> None:
         """(Re)read the weights from the model; keeps the cache and any live requests."""
         with self._lock, torch.inference_mode():
-            lm = kernels.lean_from_hf(self.model, self.dtype)
+            lm = lean.lean_from_hf(self.model, self.dtype)
             old = getattr(self, "_backend", None)
-            if isinstance(lm, kernels.LeanModel):
+            if isinstance(lm, lean.LeanModel):
                 self.fallback_reason = None
-                self.packed = self.pack and kernels.pack_weights(lm, min(64, self.max_batch))
+                self.packed = self.pack and lean.pack_weights(lm, min(64, self.max_batch))
                 if isinstance(old, LeanBackend):
                     old.lm, old.max_len = lm, lm.max_len
-                    kernels.ensure_rope(lm, max(1, old.capacity()[1]))
+                    lean.ensure_rope(lm, max(1, old.capacity()[1]))
                 else:
                     self._backend = LeanBackend(lm)
             else:
