@@ -13,7 +13,10 @@ the clipped GRPO loss and the backward pass; then gradient clipping and one Adam
 imitate a GRPO step on the arithmetic task: its chat-template prompts and completion lengths drawn
 uniformly from 8 to 64 tokens.
 
-For contrast, `model-only` times the same model on the same padded batches with a plain next-token
+Paths: `r1lab` is the trainer's defaults (packed sequences, and r1lab's own forward of
+`modeling/fused.py` for Qwen2/Llama models on CPU); `r1lab-hf` the same update through Hugging Face's
+forward on the packed rows (the gap is what the own forward wins); `r1lab-pad` right-padded
+micro-batches (`rl.pack_sequences` off). For contrast, `model-only` times the same model on the same padded batches with a plain next-token
 cross-entropy (HF forward + loss + backward + AdamW, nothing of r1lab): the gap between the two
 rows is what r1lab's loss path costs; the gap between `model-only` and 100% is the model's own.
 
@@ -74,11 +77,14 @@ def grpo_rows(tokenizer, n: int, seed: int):
     return rows
 
 
-def kernel_tokens(rows, budget: int, pack: bool) -> int:
-    """Tokens the model runs on in one update, padding included (rows x width of each micro-batch)."""
+def kernel_tokens(rows, budget: int, pack: bool, fused: bool = False) -> int:
+    """Tokens the matmuls run on in one update, padding included (rows x width of each micro-batch;
+    r1lab's own forward runs them on the real tokens only)."""
     from r1lab.modeling.packing import pack_rows
     from r1lab.rl import grpo
 
+    if fused:
+        return sum(len(r.ids) for r in rows)
     total = 0
     for mb in grpo.micro_batches(rows, budget, pack):
         lengths = [len(r.ids) for r in mb]
@@ -114,7 +120,7 @@ def worker(spec: dict) -> dict:
             "rl": {
                 "precision": "bf16" if bf16 else "fp32",
                 "micro_batch_tokens": spec["micro_batch_tokens"],
-                "pack_sequences": spec["path"] == "r1lab",
+                "pack_sequences": spec["path"] in ("r1lab", "r1lab-hf"),
                 "skip_zero_advantage": False,  # throughput of the update itself: every row trained
             },
         }
@@ -129,7 +135,12 @@ def worker(spec: dict) -> dict:
     opt = make_optimizer(model, 1e-5, 0.0, (0.9, 0.99))
     sched = make_scheduler(opt, "constant", 0, 10**6)
     batches = grpo.micro_batches(rows, spec["micro_batch_tokens"])  # padded (model-only runs these)
-    padded = kernel_tokens(rows, spec["micro_batch_tokens"], pack=spec["path"] == "r1lab")
+    from r1lab.modeling import fused
+
+    if spec["path"] == "r1lab-hf":
+        model._r1lab_fused_ok = False  # packed, through HF's own forward
+    own = spec["path"] == "r1lab" and fused.supported(model)
+    padded = kernel_tokens(rows, spec["micro_batch_tokens"], spec["path"] in ("r1lab", "r1lab-hf"), own)
 
     def model_only() -> None:
         for mb in batches:
@@ -165,6 +176,7 @@ def worker(spec: dict) -> dict:
         "padded_tokens": padded,
         "local_peak_flops": max(local_peaks),
         "micro_batches": len(batches),
+        "own_forward": own,
         "n_params": matmul_params(model),
         "profile": timers.per_step(spec["warmup"], spec["iters"]),
         "profile_cpu": timers.per_step(spec["warmup"], spec["iters"], cpu=True),
@@ -181,7 +193,8 @@ def run_all(args) -> dict:
     for size, dtype, n_rows in itertools.product(args.sizes, args.dtypes, args.rows):
         # r1lab's update (packed, then padded) at each micro-batch budget, then the bare model at the
         # first budget (r1lab's default)
-        runs = [(path, mbt) for mbt in args.micro_batch_tokens for path in ("r1lab", "r1lab-pad")]
+        paths = ("r1lab", "r1lab-hf", "r1lab-pad")
+        runs = [(path, mbt) for mbt in args.micro_batch_tokens for path in paths]
         runs = [(p, m) for p, m in runs if p in args.paths]
         if "model-only" in args.paths:
             runs.append(("model-only", args.micro_batch_tokens[0]))
@@ -216,6 +229,7 @@ def digest(spec: dict, r: dict, peak: float, cpu_peak: float) -> dict:
         # what the kernels ran at, padding included: the part of the gap that packing cannot close
         padded_fraction_of_peak=6 * r["n_params"] * r["padded_tokens"] / s / peak,
         micro_batches=r["micro_batches"],
+        own_forward=r["own_forward"],
         peak_rss_mib=r["peak_rss_mib"],
         loadavg=r["loadavg"],
         profile=r["profile"],
@@ -248,8 +262,9 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--paths",
-        default="r1lab,r1lab-pad,model-only",
-        help="r1lab (packed sequences, the default), r1lab-pad (rl.pack_sequences=false), model-only",
+        default="r1lab,r1lab-hf,r1lab-pad,model-only",
+        help="r1lab (the defaults: packed sequences, r1lab's own forward where supported), r1lab-hf "
+        "(packed, HF's forward), r1lab-pad (rl.pack_sequences=false), model-only",
     )
     p.add_argument(
         "--compile",

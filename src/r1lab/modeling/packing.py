@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from r1lab.modeling import fused
+from r1lab.modeling.fused import MATH_ATTENTION_MAX_WIDTH
 from r1lab.modeling.logprobs import _GatherLogSoftmax, token_logprobs
 
 
@@ -80,13 +82,19 @@ def packed_token_logprobs(
     if longest > row_len:
         raise ValueError(f"a sequence of {longest} tokens does not fit rows of {row_len}")
     layout = pack_rows([len(s) for s in seqs], range(len(seqs)), row_len)
-    ids, pos = packed_tensors([[seqs[i] for i in row] for row in layout], row_len)  # [R, W] each
-    dev = next(model.parameters()).device
-    ids, pos = ids.to(dev), pos.to(dev)
-    with attention_backend(dev, ids.shape[1]):
-        out = model(input_ids=ids, position_ids=pos, use_cache=False)  # logits [R, W, V]
+    if fused.supported(model):
+        # r1lab's own forward: the rows' tokens as one unpadded stream, scored like one long row
+        logits, flat = fused.fused_logits(model, [[seqs[i] for i in row] for row in layout])  # [T, V], [T]
+        logits, ids = logits[None], flat[None]  # [1, T, V], [1, T]
+        layout = [[i for row in layout for i in row]]
+    else:
+        ids, pos = packed_tensors([[seqs[i] for i in row] for row in layout], row_len)  # [R, W] each
+        dev = next(model.parameters()).device
+        ids, pos = ids.to(dev), pos.to(dev)
+        with attention_backend(dev, ids.shape[1]):
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False).logits  # [R, W, V]
     # the logits whole (position k scores ids[:, k+1]; the last is ignored): slicing would copy them
-    logp, entropy = _GatherLogSoftmax.apply(out.logits, ids[:, 1:], float(temperature), True)  # [R, W-1]
+    logp, entropy = _GatherLogSoftmax.apply(logits, ids[:, 1:], float(temperature), True)  # [R, W-1]
     width = ids.shape[1]
     # index[b, j]: where in the flattened [R*(W-1)] scores the prediction of seqs[b][j+1] lies;
     # past the sequence's end it points at one extra zero appended after them.
@@ -98,17 +106,13 @@ def packed_token_logprobs(
             n = len(seqs[i]) - 1
             index[i, :n] = torch.arange(start, start + n)
             start += n + 1
-    index = index.to(dev)
+    index = index.to(ids.device)
 
     def unpack(x: torch.Tensor) -> torch.Tensor:  # [R, W-1] -> [B, L-1]
         flat = torch.cat([x.reshape(-1), x.new_zeros(1)])  # [R*(W-1) + 1]
         return flat[index]
 
     return unpack(logp), unpack(entropy)
-
-
-#: Rows up to this many tokens run PyTorch's math attention on CPU (see `attention_backend`).
-MATH_ATTENTION_MAX_WIDTH = 512
 
 
 def attention_backend(device: torch.device, width: int):

@@ -21,9 +21,8 @@ output and write its bf16 input themselves (`out_dtype`), so bf16 costs no extra
 Measured figures: benchmarks/README.md ("Where the time goes") and `rollout_vs_hf.py --sections
 ablations` (`native` against the PyTorch path, engine A/B in one process).
 
-How: the source is compiled once per machine (`cc -O3 -march=native -fno-trapping-math -fopenmp`)
-into `~/.cache/r1lab/kernels/` (or `$R1LAB_CACHE`), keyed by source, compiler, flags and CPU, loaded
-with ctypes (which releases the GIL during calls), and every function is checked against the
+How: `modeling/cbuild.py` compiles the source once per machine into the kernel cache and loads it
+with ctypes, and every function is checked against the
 PyTorch code it replaces (kernels.py) on a probe before first use. OpenMP is PyTorch's own libgomp,
 already loaded by `import torch`, so the kernels share its thread pool and use
 `torch.get_num_threads()` threads. Anything missing (no compiler, a build or probe failure,
@@ -34,20 +33,17 @@ instead; results agree to float rounding (tests/unit/test_native.py).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from r1lab.modeling import cbuild
+
 SOURCE = Path(__file__).with_name("csrc") / "decode.c"
-FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"]
 
 _lock = threading.RLock()  # re-entered by the probe, which calls the kernels it checks
 _lib = None  # the loaded library once built and probed
@@ -56,50 +52,7 @@ _tried = False
 reason: str | None = None  # why the kernel is unavailable (None while untried or when available)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("R1LAB_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "r1lab" / "kernels"
-
-
-def _cpu_tag() -> str:
-    """What -march=native depends on: the CPU's feature flags (Linux), else the processor name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _build() -> Path:
-    """Compile the kernel into the cache (atomically, so concurrent processes are safe); its path."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler (cc or gcc) on PATH")
-    src = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(FLAGS).encode(), _cpu_tag().encode()]))
-    target = cache_dir() / f"decode-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if done.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[:300]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 def _load(path: Path):
-    lib = ctypes.CDLL(str(path))
     ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     signatures = {
         "r1lab_attend": (
@@ -115,10 +68,7 @@ def _load(path: Path):
         "r1lab_gelu_tanh": ([ptr, c_int, i64, c_int], None),
         "r1lab_sample": ([ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, c_int], c_int),
     }
-    for name, (args, res) in signatures.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    return lib
+    return cbuild.load(path, signatures)
 
 
 def _ptr(x: torch.Tensor | None) -> int | None:
@@ -393,7 +343,7 @@ def _get():
                 reason = "disabled by R1LAB_NATIVE=0"
             else:
                 try:
-                    _candidate = _load(_build())
+                    _candidate = _load(cbuild.build(SOURCE))
                     failed = _probe()
                     if failed:
                         reason = f"the built kernels disagreed with PyTorch on the probe: {failed}"

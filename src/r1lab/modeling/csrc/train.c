@@ -1,0 +1,233 @@
+/* The training forward's work between its matmuls, with the backward of each: r1lab's own forward
+ * of Llama-family models (modeling/fused.py) calls these.
+ *
+ * PyTorch's autograd runs RMSNorm as ~6 kernels forward and ~10 backward, RoPE as a dozen (slices,
+ * a concatenation, products) and SwiGLU as 3 forward and 5 backward, each a pass over memory; under
+ * bf16 autocast every projection also casts its input again. Here each is one pass each way:
+ *
+ *   r1lab_rms_fwd    out = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps); out fp32 or bf16
+ *   r1lab_rms_bwd    dx and per-thread partial sums of dw, from x, w, rstd and dy (fp32 or bf16)
+ *   r1lab_swiglu_fwd out = silu(gate) * up from the fused [gate | up] projection
+ *   r1lab_swiglu_bwd d[gate | up] from [gate | up] and d out
+ *   r1lab_rope_scatter   RoPE of the q and k heads of each token's fused q|k|v projection, the
+ *                    row copied to slot[t] of the attention layout (rows of packed sequences)
+ *   r1lab_rope_gather    its backward: row slot[t] gathered back and rotated by -angle
+ *
+ * Arithmetic is fp32 whatever the dtype of the tensors read or written (bf16 rows are widened into a
+ * per-thread fp32 buffer); bf16 is rounded to nearest even, as torch's `.to(torch.bfloat16)`.
+ * Built by r1lab/modeling/cbuild.py; probed against PyTorch by r1lab/modeling/fused.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+#include "r1lab_math.h"
+
+/* row i of a [n, cols] tensor of fp32 (bf16 == 0) or bf16 into/out of an fp32 buffer */
+static inline void get_row(const void *src, int bf16, int64_t i, int64_t cols, float *restrict buf) {
+    if (bf16) widen((const uint16_t *)src + i * cols, buf, cols);
+    else memcpy(buf, (const float *)src + i * cols, (size_t)cols * sizeof(float));
+}
+static inline void put_row(void *dst, int bf16, int64_t i, int64_t cols, const float *restrict buf) {
+    if (bf16) narrow(buf, (uint16_t *)dst + i * cols, cols);
+    else memcpy((float *)dst + i * cols, buf, (size_t)cols * sizeof(float));
+}
+
+/* x [T, d] fp32 -> out [T, d] (fp32 or bf16) = w * (x * rstd); rstd [T]. HF's RMSNorm order of
+ * operations. Returns -1 when a thread could not allocate its buffer. */
+int r1lab_rms_fwd(const float *x, const float *w, float eps, void *out, int out_bf16, float *rstd,
+                  int64_t T, int64_t d, int threads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (T * d >= 32768)
+    {
+        float *buf = malloc((size_t)d * sizeof(float));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            if (!buf) continue;
+            const float *restrict xr = x + t * d;
+            float ss = 0.f;
+            #pragma omp simd reduction(+ : ss)
+            for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+            const float r = 1.0f / sqrtf(ss / (float)d + eps);
+            rstd[t] = r;
+            #pragma omp simd
+            for (int64_t i = 0; i < d; ++i) buf[i] = w[i] * (xr[i] * r);
+            put_row(out, out_bf16, t, d, buf);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The backward of r1lab_rms_fwd: dx [T, d] fp32 = rstd * (g - xhat * mean(g * xhat)) with
+ * xhat = x * rstd, g = dy * w; dw_part [threads, d] gets each thread's sum of dy * xhat (the caller
+ * sums the rows). dy fp32 or bf16. */
+int r1lab_rms_bwd(const float *x, const float *w, const float *rstd, const void *dy, int dy_bf16, float *dx,
+                  float *dw_part, int64_t T, int64_t d, int threads) {
+    int failed = 0;
+    memset(dw_part, 0, (size_t)threads * (size_t)d * sizeof(float));
+    #pragma omp parallel num_threads(threads)
+    {
+        float *buf = malloc((size_t)d * sizeof(float));
+        float *restrict dw = dw_part + (int64_t)omp_get_thread_num() * d;
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            if (!buf) continue;
+            const float *restrict xr = x + t * d;
+            float *restrict dxr = dx + t * d;
+            const float r = rstd[t];
+            get_row(dy, dy_bf16, t, d, buf);
+            float dot = 0.f;
+            #pragma omp simd reduction(+ : dot)
+            for (int64_t i = 0; i < d; ++i) {
+                const float xh = xr[i] * r;
+                dot += buf[i] * w[i] * xh;
+                dw[i] += buf[i] * xh;
+            }
+            const float c = dot / (float)d;
+            #pragma omp simd
+            for (int64_t i = 0; i < d; ++i) dxr[i] = r * (buf[i] * w[i] - xr[i] * r * c);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* gu [T, 2F] = [gate | up] -> out [T, F] = silu(gate) * up; each fp32 or bf16. */
+int r1lab_swiglu_fwd(const void *gu, int in_bf16, void *out, int out_bf16, int64_t T, int64_t F, int threads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (T * F >= 32768)
+    {
+        float *buf = malloc((size_t)(3 * F) * sizeof(float));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            if (!buf) continue;
+            float *restrict g = buf, *restrict o = buf + 2 * F;
+            get_row(gu, in_bf16, t, 2 * F, g);
+            #pragma omp simd
+            for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * g[F + i];
+            put_row(out, out_bf16, t, F, o);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The backward of r1lab_swiglu_fwd: dgu [T, 2F] = [dy * up * s * (1 + gate * (1 - s)) | dy * silu(gate)]
+ * with s = sigmoid(gate). gu and dy fp32 or bf16, dgu fp32 or bf16. */
+int r1lab_swiglu_bwd(const void *gu, int in_bf16, const void *dy, int dy_bf16, void *dgu, int out_bf16, int64_t T,
+                     int64_t F, int threads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (T * F >= 32768)
+    {
+        float *buf = malloc((size_t)(5 * F) * sizeof(float));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            if (!buf) continue;
+            float *restrict g = buf, *restrict dyr = buf + 2 * F, *restrict dg = buf + 3 * F;
+            get_row(gu, in_bf16, t, 2 * F, g);
+            get_row(dy, dy_bf16, t, F, dyr);
+            #pragma omp simd
+            for (int64_t i = 0; i < F; ++i) {
+                const float s = 1.0f / (1.0f + fast_expf(-g[i]));
+                dg[i] = dyr[i] * g[F + i] * s * (1.0f + g[i] * (1.0f - s));
+                dg[F + i] = dyr[i] * g[i] * s;
+            }
+            put_row(dgu, out_bf16, t, 2 * F, dg);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* Rotate the first nrot heads (of D each) of row x in place by the angle's cos c and sin s [D/2]
+ * (HF's rotate_half convention; sign -1 rotates back: the transpose, for the backward). */
+static inline void rotate_heads(float *restrict x, int64_t nrot, int64_t D, const float *restrict c,
+                                const float *restrict s, float sign) {
+    const int64_t half = D / 2;
+    for (int64_t h = 0; h < nrot; ++h) {
+        float *restrict xh = x + h * D;
+        #pragma omp simd
+        for (int64_t j = 0; j < half; ++j) {
+            const float x1 = xh[j], x2 = xh[j + half], sn = sign * s[j];
+            xh[j] = x1 * c[j] - x2 * sn;
+            xh[j + half] = x2 * c[j] + x1 * sn;
+        }
+    }
+}
+
+/* src [T, C] (C = (H + 2 Hkv) D, the fused q|k|v projection; fp32 or bf16) -> dst [S, C] (same
+ * dtype, rows not in slot untouched): dst[slot[t]] = src[t] with its H + Hkv q and k heads rotated
+ * by position pos[t] (cos/sin tables [P, D/2] fp32, row p = angle p). Returns -1 when out of memory,
+ * -2 when a position or slot is out of range (nothing written then). */
+int r1lab_rope_scatter(const void *src, int bf16, const float *cos_t, const float *sin_t, const int64_t *pos,
+                       const int64_t *slot, void *dst, int64_t T, int64_t S, int64_t P, int64_t H, int64_t Hkv,
+                       int64_t D, int threads) {
+    for (int64_t t = 0; t < T; ++t)
+        if (pos[t] < 0 || pos[t] >= P || slot[t] < 0 || slot[t] >= S) return -2;
+    const int64_t C = (H + 2 * Hkv) * D, half = D / 2;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (T * C >= 32768)
+    {
+        float *buf = malloc((size_t)C * sizeof(float));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            if (!buf) continue;
+            get_row(src, bf16, t, C, buf);
+            rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, 1.0f);
+            put_row(dst, bf16, slot[t], C, buf);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+/* The backward of r1lab_rope_scatter: dsrc[t] = dst[slot[t]] with its q and k heads rotated back. */
+int r1lab_rope_gather(const void *ddst, int bf16, const float *cos_t, const float *sin_t, const int64_t *pos,
+                      const int64_t *slot, void *dsrc, int64_t T, int64_t S, int64_t P, int64_t H, int64_t Hkv,
+                      int64_t D, int threads) {
+    for (int64_t t = 0; t < T; ++t)
+        if (pos[t] < 0 || pos[t] >= P || slot[t] < 0 || slot[t] >= S) return -2;
+    const int64_t C = (H + 2 * Hkv) * D, half = D / 2;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (T * C >= 32768)
+    {
+        float *buf = malloc((size_t)C * sizeof(float));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            if (!buf) continue;
+            get_row(ddst, bf16, slot[t], C, buf);
+            rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, -1.0f);
+            put_row(dsrc, bf16, t, C, buf);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,265 @@
+"""The training forward's C kernels (`csrc/train.c`) as autograd Functions; optional.
+
+Each Function does one pass over memory forward and one backward where PyTorch's autograd does
+many (see train.c): `rms_norm` (HF's RMSNorm, output fp32 or bf16 for the next matmul), `swiglu`
+(silu(gate) * up from the fused gate|up projection) and `rope_scatter` (RoPE of the fused q|k|v
+projection's q and k heads, each token's row moved to its slot in the attention layout of packed
+rows). Arithmetic is fp32; bf16 tensors (a bf16 matmul's input or output) are read and written
+directly, rounded to nearest even.
+
+The library is built by `cbuild` at first use and checked against the PyTorch formulas (values and
+gradients, fp32 and bf16) on a probe; `available()` is False, with a `reason`, when there is no
+compiler, the build or the probe fails, or `R1LAB_NATIVE=0`. Callers then keep Hugging Face's own
+forward (`modeling/fused.py`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from r1lab.modeling import cbuild
+
+SOURCE = Path(__file__).with_name("csrc") / "train.c"
+
+_lock = threading.Lock()
+_lib = None
+_tried = False
+reason: str | None = None  # why the kernels are unavailable (None while untried or when available)
+
+
+def _load(path: Path):
+    ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    rope = ([ptr, c_int, ptr, ptr, ptr, ptr, ptr, *[i64] * 6, c_int], c_int)
+    return cbuild.load(
+        path,
+        {
+            "r1lab_rms_fwd": ([ptr, ptr, f32, ptr, c_int, ptr, i64, i64, c_int], c_int),
+            "r1lab_rms_bwd": ([ptr, ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, c_int], c_int),
+            "r1lab_swiglu_fwd": ([ptr, c_int, ptr, c_int, i64, i64, c_int], c_int),
+            "r1lab_swiglu_bwd": ([ptr, c_int, ptr, c_int, ptr, c_int, i64, i64, c_int], c_int),
+            "r1lab_rope_scatter": rope,
+            "r1lab_rope_gather": rope,
+        },
+    )
+
+
+def _ok(rc: int, name: str) -> None:
+    if rc == -1:
+        raise MemoryError(f"train_kernels.{name}: no memory for a row buffer")
+    if rc != 0:
+        raise ValueError(f"train_kernels.{name}: a position or slot is out of range")
+
+
+def _half(x: torch.Tensor) -> int:
+    return int(x.dtype == torch.bfloat16)
+
+
+def _contig(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels read: contiguous, and fp32 unless bf16 (an incoming gradient may be either)."""
+    x = x.contiguous()
+    return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, eps: float, out_dtype: torch.dtype):  # x [T, d] fp32, w [d]
+        T, d = x.shape
+        out = torch.empty(T, d, dtype=out_dtype)
+        rstd = torch.empty(T)
+        rc = _lib.r1lab_rms_fwd(
+            x.data_ptr(),
+            w.data_ptr(),
+            eps,
+            out.data_ptr(),
+            _half(out),
+            rstd.data_ptr(),
+            T,
+            d,
+            torch.get_num_threads(),
+        )
+        _ok(rc, "rms_norm")
+        ctx.save_for_backward(x, w, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w, rstd = ctx.saved_tensors
+        T, d = x.shape
+        dy = _contig(dy)
+        threads = torch.get_num_threads()
+        dx = torch.empty(T, d)
+        parts = torch.empty(threads, d)
+        rc = _lib.r1lab_rms_bwd(
+            x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dy.data_ptr(), _half(dy), dx.data_ptr(), parts.data_ptr(),
+            T, d, threads,
+        )  # fmt: skip
+        _ok(rc, "rms_norm backward")
+        return dx, parts.sum(0), None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gu):  # [T, 2F] -> [T, F], same dtype
+        T, F2 = gu.shape
+        out = torch.empty(T, F2 // 2, dtype=gu.dtype)
+        rc = _lib.r1lab_swiglu_fwd(
+            gu.data_ptr(), _half(gu), out.data_ptr(), _half(out), T, F2 // 2, torch.get_num_threads()
+        )
+        _ok(rc, "swiglu")
+        ctx.save_for_backward(gu)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gu,) = ctx.saved_tensors
+        T, F2 = gu.shape
+        dy = _contig(dy)
+        dgu = torch.empty_like(gu)
+        rc = _lib.r1lab_swiglu_bwd(
+            gu.data_ptr(), _half(gu), dy.data_ptr(), _half(dy), dgu.data_ptr(), _half(dgu), T, F2 // 2,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        _ok(rc, "swiglu backward")
+        return dgu
+
+
+class _RopeScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, pos, slot, S: int, H: int, Hkv: int, D: int):  # qkv [T, C] -> [S, C]
+        T, C = qkv.shape
+        out = qkv.new_zeros(S, C)
+        rc = _lib.r1lab_rope_scatter(
+            qkv.data_ptr(), _half(qkv), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), slot.data_ptr(),
+            out.data_ptr(), T, S, cos.shape[0], H, Hkv, D, torch.get_num_threads(),
+        )  # fmt: skip
+        _ok(rc, "rope_scatter")
+        ctx.save_for_backward(cos, sin, pos, slot)
+        ctx.dims = (T, S, H, Hkv, D, qkv.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        cos, sin, pos, slot = ctx.saved_tensors
+        T, S, H, Hkv, D, dtype = ctx.dims
+        dout = _contig(dout).to(dtype)
+        dqkv = torch.empty(T, dout.shape[1], dtype=dtype)
+        rc = _lib.r1lab_rope_gather(
+            dout.data_ptr(), _half(dout), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), slot.data_ptr(),
+            dqkv.data_ptr(), T, S, cos.shape[0], H, Hkv, D, torch.get_num_threads(),
+        )  # fmt: skip
+        _ok(rc, "rope_scatter backward")
+        return dqkv, None, None, None, None, None, None, None, None
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """HF's RMSNorm `w * (x * rsqrt(mean(x^2) + eps))` of x [T, d] fp32 contiguous, in `out_dtype`."""
+    _need()
+    return _RMSNorm.apply(x, w, eps, out_dtype)
+
+
+def swiglu(gu: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of gu [T, 2F] = [gate | up] (contiguous, fp32 or bf16): [T, F] in its dtype."""
+    _need()
+    return _SwiGLU.apply(gu)
+
+
+def rope_scatter(qkv, cos, sin, pos, slot, slots: int, heads: int, kv_heads: int, head_dim: int):
+    """qkv [T, (H + 2 Hkv) D] -> [slots, (H + 2 Hkv) D]: row t at slot[t] with its q and k heads rotated
+    by position pos[t] (cos/sin [P, D/2] fp32, HF's rotate_half convention); other slots zero."""
+    _need()
+    return _RopeScatter.apply(qkv, cos, sin, pos, slot, slots, heads, kv_heads, head_dim)
+
+
+def rope_reference(qkv, cos, sin, pos, slot, slots: int, heads: int, kv_heads: int, head_dim: int):
+    """`rope_scatter` in PyTorch (HF's `apply_rotary_pos_emb` formula), for the probe and tests."""
+    T = qkv.shape[0]
+    x = qkv.float().view(T, heads + 2 * kv_heads, head_dim)
+    c = torch.cat([cos[pos], cos[pos]], -1)[:, None]  # [T, 1, D]
+    s = torch.cat([sin[pos], sin[pos]], -1)[:, None]
+    half = head_dim // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    qk = heads + kv_heads
+    x = torch.cat([x[:, :qk] * c + rot[:, :qk] * s, x[:, qk:]], 1).reshape(T, -1)
+    return x.new_zeros(slots, x.shape[1]).index_copy(0, slot, x).to(qkv.dtype)
+
+
+def _probe() -> str | None:
+    """Each kernel's values and gradients against PyTorch (fp32 and bf16); the first mismatch."""
+    gen = torch.Generator().manual_seed(0)
+
+    def grads(fn, *xs):
+        xs = [x.detach().clone().requires_grad_(x.is_floating_point()) for x in xs]
+        out = fn(*xs)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))  # the same for both
+        out.float().backward(g)
+        return [out.float()] + [x.grad.float() for x in xs if x.grad is not None]
+
+    def close(got, want, half):
+        tol = dict(atol=3e-2, rtol=3e-2) if half else dict(atol=1e-4, rtol=1e-4)
+        return all(torch.allclose(a, b, **tol) for a, b in zip(got, want, strict=True))
+
+    x, w = torch.randn(5, 40, generator=gen), torch.randn(40, generator=gen)
+    for half in (False, True):
+        dt = torch.bfloat16 if half else torch.float32
+
+        def ref_norm(x, w, dt=dt):
+            return (w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))).to(dt)
+
+        if not close(grads(lambda a, b, dt=dt: rms_norm(a, b, 1e-6, dt), x, w), grads(ref_norm, x, w), half):
+            return f"rms_norm (bf16={half})"
+        gu = (torch.randn(4, 48, generator=gen) * 4).to(dt)
+
+        def ref_swiglu(u):
+            g, up = u.float().chunk(2, -1)
+            return F.silu(g) * up
+
+        if not close(grads(swiglu, gu), grads(ref_swiglu, gu), half):
+            return f"swiglu (bf16={half})"
+        heads, kv, d = 4, 2, 16
+        qkv = torch.randn(6, (heads + 2 * kv) * d, generator=gen).to(dt)
+        ang = torch.rand(9, d // 2, generator=gen) * 6
+        cos, sin = ang.cos(), ang.sin()
+        pos, slot = torch.tensor([0, 1, 2, 0, 1, 8]), torch.tensor([0, 1, 2, 4, 5, 9])
+        args = (cos, sin, pos, slot, 11, heads, kv, d)
+        got = grads(lambda q, a=args: rope_scatter(q, *a), qkv)
+        if not close(got, grads(lambda q, a=args: rope_reference(q.float(), *a), qkv), half):
+            return f"rope_scatter (bf16={half})"
+    return None
+
+
+def _get():
+    global _lib, _tried, reason
+    with _lock:
+        if not _tried:
+            _tried = True
+            if os.environ.get("R1LAB_NATIVE", "1") == "0":
+                reason = "disabled by R1LAB_NATIVE=0"
+                return None
+            try:
+                _lib = _load(cbuild.build(SOURCE))
+                failed = _probe()
+                if failed:
+                    reason = f"the built kernels disagreed with PyTorch on the probe: {failed}"
+                    _lib = None
+            except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+                reason, _lib = f"could not build the training kernels: {e}", None
+            except Exception as e:  # a probe that fails in any other way: fall back, never crash
+                reason, _lib = f"the training kernels failed their probe: {type(e).__name__}: {e}", None
+    return _lib
+
+
+def _need():
+    if _lib is None and _get() is None:
+        raise RuntimeError(f"the training kernels are not available: {reason}")
+
+
+def available() -> bool:
+    """Whether the kernels are built, loaded and probed (builds them on the first call)."""
+    return _get() is not None
