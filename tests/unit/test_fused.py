@@ -1,7 +1,8 @@
 """r1lab's own training forward (`modeling/fused.py`) computes Hugging Face's function.
 
 fp32: logits, log-probs, entropies and every parameter's gradient equal HF's to float rounding,
-for Qwen2 (GQA, qkv bias, tied embeddings) and Llama (no bias, untied head). bf16 autocast: the
+for Qwen2 (GQA, qkv bias, tied embeddings), Llama (no bias, untied head) and GPT-2 (LayerNorm,
+GELU, learned positions, Conv1D). bf16 autocast: the
 error against an fp32 reference is no larger than HF's own under autocast (RoPE and SwiGLU round
 once here, at every op there). A GRPO update gives the parameters of the HF path. The C kernels'
 values and gradients equal the PyTorch formulas. Unsupported models keep HF's forward.
@@ -60,14 +61,20 @@ def scores_and_grads(model, seqs, weights, temperature=1.0, autocast=False):
     return logp.detach().float(), entropy.detach().float(), grads
 
 
-@pytest.mark.parametrize(
-    "make", [lambda: build_model("qwen2-4m", TOK, seed=1), llama], ids=["qwen2", "llama"]
-)
+MODELS = {
+    "qwen2": lambda: build_model("qwen2-4m", TOK, seed=1),
+    "llama": llama,
+    "gpt2": lambda: build_model("gpt2-1m", TOK, seed=1),
+}
+
+
+@pytest.mark.parametrize("make", MODELS.values(), ids=MODELS.keys())
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fp32_scores_and_gradients_equal_hf(make, temperature):
     model = make().train()
     assert fused.supported(model)
     seqs = ragged(13, seed=2)
+    seqs[3][1] = seqs[5][0] = TOK.pad_token_id  # the padding row of the embedding gets no gradient
     assert len(pack_rows([len(s) for s in seqs], range(13), 40)) < 13  # sequences do share rows
     weights = torch.randn(len(seqs), max(map(len, seqs)) - 1, generator=torch.Generator().manual_seed(0))
     got = scores_and_grads(model, seqs, weights, temperature)
@@ -81,23 +88,28 @@ def test_fp32_scores_and_gradients_equal_hf(make, temperature):
         )
 
 
-def test_bf16_error_is_no_larger_than_hf_autocast():
+@pytest.mark.parametrize("preset", ["qwen2-4m", "gpt2-1m"])
+def test_bf16_error_is_no_larger_than_hf_autocast(preset):
     """Against fp32 HF as the truth: the fused bf16 log-probs and gradients err no more than HF's bf16."""
-    model = build_model("qwen2-4m", TOK, seed=3).train()
+    model = build_model(preset, TOK, seed=3).train()
     seqs = ragged(12, seed=4)
     weights = torch.randn(len(seqs), max(map(len, seqs)) - 1, generator=torch.Generator().manual_seed(1))
     truth = scores_and_grads(hf_path(model), seqs, weights)
     fused_bf16 = scores_and_grads(model, seqs, weights, autocast=True)
     hf_bf16 = scores_and_grads(hf_path(model), seqs, weights, autocast=True)
 
+    scored = truth[0] != 0  # the positions that are real tokens
+
     def err(run) -> tuple[float, float]:
-        logp = float((run[0] - truth[0]).abs().max())
-        grad = max(float((run[2][n] - g).norm() / g.norm()) for n, g in truth[2].items() if g.norm() > 0)
-        return logp, grad
+        """mean |log-prob error|, and the gradient error's norm over all parameters relative to theirs"""
+        logp = float((run[0] - truth[0]).abs()[scored].mean())
+        num = sum(float((run[2][n] - g).norm() ** 2) for n, g in truth[2].items())
+        return logp, (num / sum(float(g.norm() ** 2) for g in truth[2].values())) ** 0.5
 
     (f_logp, f_grad), (h_logp, h_grad) = err(fused_bf16), err(hf_bf16)
-    assert f_logp < 0.1 and f_grad < 0.1  # bf16, not noise
-    assert f_logp <= 1.25 * h_logp and f_grad <= 1.25 * h_grad
+    assert 0 < f_logp < 0.01 and 0 < f_grad < 0.05  # bf16 rounding: there, and small
+    # measured: qwen2-4m 0.00186 vs 0.00179 and 0.0087 vs 0.0086; gpt2-1m 0.00085 vs 0.00091, 0.0062 vs 0.0066
+    assert f_logp <= 1.1 * h_logp and f_grad <= 1.1 * h_grad
 
 
 def test_long_rows_take_sdpa_and_agree():
@@ -160,7 +172,9 @@ def test_a_grpo_update_gives_the_hf_paths_update():
 
 
 def test_unsupported_models_keep_hf_forward():
-    assert not fused.supported(build_model("gpt2-1m", TOK, seed=0))  # LayerNorm, GELU, learned positions
+    exact_gelu = build_model("gpt2-1m", TOK, seed=0)
+    exact_gelu.config.activation_function = "gelu"  # erf, not the tanh approximation
+    assert not fused.supported(exact_gelu)
     assert not fused.supported(build_model("qwen2-4m", TOK, seed=0).double())
     scaled = build_model("qwen2-4m", TOK, seed=0)
     scaled.config.rope_parameters = {**scaled.config.rope_parameters, "rope_type": "linear", "factor": 2.0}
@@ -221,10 +235,11 @@ def test_kernels_equal_pytorch(dtype, threads, monkeypatch):
     ang = torch.rand(60, D // 2, generator=gen) * 20
     pos = torch.randint(0, 60, (T,), generator=gen)
     slot = torch.randperm(T + 30, generator=gen)[:T]
-    args = (ang.cos(), ang.sin(), pos, slot, T + 30, H, Hkv, D)
-    got = grads(lambda q: train_kernels.rope_scatter(q, *args), qkv)
-    want = grads(lambda q: train_kernels.rope_reference(q.float(), *args), qkv)
-    assert_all_close(got, want, tol)
+    for tables in ((ang.cos(), ang.sin()), (None, None)):  # RoPE, then a plain scatter (GPT-2)
+        args = (*tables, pos, slot, T + 30, H, Hkv, D)
+        got = grads(lambda q, a=args: train_kernels.rope_scatter(q, *a), qkv)
+        want = grads(lambda q, a=args: train_kernels.rope_reference(q.float(), *a), qkv)
+        assert_all_close(got, want, tol)
 
 
 def test_rope_positions_out_of_range_are_an_error_not_a_crash():

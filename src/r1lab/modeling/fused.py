@@ -1,4 +1,4 @@
-"""r1lab's own training forward of Llama-family models (Qwen2, Llama) on CPU, for packed sequences.
+"""r1lab's own training forward of Qwen2, Llama and GPT-2 models on CPU, for packed sequences.
 
 Hugging Face's forward is general; on a CPU its elementwise code costs as much as a third of a
 training step at these sizes (benchmarks/README.md: RMSNorm, RoPE and SwiGLU as many small kernels,
@@ -8,16 +8,17 @@ computes the same function from the same parameters (gradients land in the model
 * the sequences of a micro-batch are one flat stream of tokens `[T, d]`, with no padding: every
   matmul and elementwise op runs on real tokens only;
 * q|k|v and gate|up are one matmul each (the weights concatenated, and cast to bf16 once under
-  autocast), the input norm written by its kernel in the matmul's dtype;
-* RMSNorm, RoPE and SwiGLU run as the C kernels of `train_kernels` (one pass forward, one back);
+  autocast; GPT-2's are one already), each norm written by its kernel in the matmul's dtype;
+* RMSNorm, LayerNorm, RoPE, SwiGLU and GELU run as the C kernels of `train_kernels` (one pass
+  forward, one back);
 * only attention goes back to rows: RoPE writes q, k and v into rows of packed sequences (as
   `packing.packed_tensors` lays them out) and SDPA runs there under the block-diagonal causal mask.
 
 Numerics: fp32 agrees with HF to float rounding; under bf16 autocast the matmuls, attention and the
-residual stream have HF's dtypes, while RoPE and SwiGLU round once (from fp32) where HF's bf16
-arithmetic rounds at every op. `supported(model)` checks the architecture and compares the logits
-with HF's once per model; anything else (GPT-2, LoRA wrappers, sliding windows, RoPE scaling, dropout,
-GPUs, no C compiler) keeps HF's forward. Tests: tests/unit/test_fused.py (logits and gradients
+residual stream have HF's dtypes, while RoPE and the activations round once (from fp32) where HF's
+bf16 arithmetic rounds at every op. `supported(model)` checks the architecture and compares the
+logits with HF's once per model; anything else (other architectures, LoRA wrappers, sliding windows,
+RoPE scaling, dropout while training, GPUs, no C compiler) keeps HF's forward. Tests: tests/unit/test_fused.py (logits and gradients
 against HF in fp32 and bf16, the GRPO update on both paths).
 """
 
@@ -28,39 +29,69 @@ import torch.nn.functional as F
 
 from r1lab.modeling import onednn, train_kernels
 
-FAMILIES = ("qwen2", "llama")
+LLAMA_LIKE = ("qwen2", "llama")  # RMSNorm, RoPE, SwiGLU, grouped-query attention
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh GELU
 #: Rows up to this many tokens run attention as batched matmuls: `_attention` here, SDPA's math
 #: kernel in HF's forward (`packing.attention_backend`). Their scores are [rows, heads, W, W].
 MATH_ATTENTION_MAX_WIDTH = 512
 
 
-def _architecture_ok(model) -> bool:
-    """The structure this forward reproduces, read from the config and the modules."""
-    cfg = model.config
+def _family(model) -> str | None:
+    """ "llama" (Qwen2, Llama) or "gpt2" when the model has the structure this forward reproduces."""
     try:
-        rope = getattr(cfg, "rope_parameters", None) or {}
-        m = model.model
-        ok = (
-            cfg.model_type in FAMILIES
-            and cfg.hidden_act == "silu"
-            and rope.get("rope_type", "default") == "default"
-            and float(getattr(m.rotary_emb, "attention_scaling", 1.0)) == 1.0
-            and not getattr(cfg, "use_sliding_window", False)
-            and not (model.training and float(getattr(cfg, "attention_dropout", 0.0)) > 0)
-            and not getattr(cfg, "mlp_bias", False)
-            and next(model.parameters()).device.type == "cpu"
-            and next(model.parameters()).dtype == torch.float32
-            and m.embed_tokens.weight.dim() == 2
-        )
-        for layer in m.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            ok = ok and all(x.weight.dim() == 2 for x in linears) and a.o_proj.bias is None
-            ok = ok and all(x.weight.dim() == 1 and hasattr(x, "variance_epsilon") for x in norms)
-        return bool(ok) and hasattr(m.norm, "variance_epsilon") and model.lm_head.weight.dim() == 2
-    except AttributeError:
-        return False
+        cfg = model.config
+        p = next(model.parameters())
+        if p.device.type != "cpu" or p.dtype != torch.float32 or model.lm_head.weight.dim() != 2:
+            return None
+        if getattr(model.lm_head, "bias", None) is not None:
+            return None
+        if cfg.model_type in LLAMA_LIKE:
+            return "llama" if _llama_ok(model) else None
+        if cfg.model_type == "gpt2":
+            return "gpt2" if _gpt2_ok(model) else None
+    except (AttributeError, StopIteration):
+        pass
+    return None
+
+
+def _llama_ok(model) -> bool:
+    cfg, m = model.config, model.model
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    ok = (
+        cfg.hidden_act == "silu"
+        and rope.get("rope_type", "default") == "default"
+        and float(getattr(m.rotary_emb, "attention_scaling", 1.0)) == 1.0
+        and not getattr(cfg, "use_sliding_window", False)
+        and not (model.training and float(getattr(cfg, "attention_dropout", 0.0)) > 0)
+        and not getattr(cfg, "mlp_bias", False)
+        and m.embed_tokens.weight.dim() == 2
+        and hasattr(m.norm, "variance_epsilon")
+    )
+    for layer in m.layers:
+        a, mlp = layer.self_attn, layer.mlp
+        linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        ok = ok and all(x.weight.dim() == 2 for x in linears) and a.o_proj.bias is None
+        ok = ok and all(x.weight.dim() == 1 and hasattr(x, "variance_epsilon") for x in norms)
+    return bool(ok)
+
+
+def _gpt2_ok(model) -> bool:
+    cfg, t = model.config, model.transformer
+    drop = max(float(getattr(cfg, k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
+    ok = (
+        cfg.activation_function in GPT2_ACTIVATIONS
+        and not (model.training and drop > 0)
+        and not getattr(cfg, "add_cross_attention", False)
+        and not getattr(cfg, "reorder_and_upcast_attn", False)
+        and isinstance(t.ln_f, torch.nn.LayerNorm)
+    )
+    for blk in t.h:
+        convs = (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)
+        ok = ok and all(c.weight.dim() == 2 and c.bias is not None for c in convs)
+        ok = ok and all(isinstance(n, torch.nn.LayerNorm) for n in (blk.ln_1, blk.ln_2))
+        ok = ok and isinstance(blk.attn.scaling, float)
+    return bool(ok)
 
 
 def supported(model) -> bool:
@@ -69,7 +100,7 @@ def supported(model) -> bool:
     cached = getattr(model, "_r1lab_fused_ok", None)
     if cached is not None:
         return cached
-    ok = _architecture_ok(model) and train_kernels.available()
+    ok = _family(model) is not None and train_kernels.available()
     if ok:
         ok = _agrees_with_hf(model)
     model._r1lab_fused_ok = ok
@@ -150,9 +181,36 @@ def _attention(q, k, v, mask, scale: float) -> torch.Tensor:
     return torch.matmul(p.view(R, Hkv, G * W, W), v).view(R, H, W, D)
 
 
+def _embed(ids: torch.Tensor, table: torch.nn.Embedding) -> torch.Tensor:
+    """The table's rows (its padding row, if any, gets no gradient, as in nn.Embedding)."""
+    return F.embedding(ids, table.weight, padding_idx=table.padding_idx)
+
+
 def _cat(*ps):
     ps = [p for p in ps if p is not None]
     return torch.cat(ps) if len(ps) > 1 else (ps[0] if ps else None)
+
+
+class _Rows:
+    """A micro-batch's layout: flat ids and positions [T], each token's slot in the [R * W]
+    attention rows, and the additive block-diagonal causal mask [R, 1, W, W] in the scores' dtype."""
+
+    def __init__(self, rows: list[list[list[int]]], dtype: torch.dtype):
+        self.ids, self.pos, self.slot, allowed, self.W = _layout(rows)
+        self.R = len(rows)
+        # made once for every layer (SDPA converts a bool mask on each call)
+        self.mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))
+
+    def attend(self, qkv, tables, H: int, Hkv: int, D: int, scale: float) -> torch.Tensor:
+        """Self-attention of the fused projection qkv [T, (H + 2 Hkv) D] (RoPE from `tables` (cos, sin)
+        unless None): [T, H D]."""
+        R, W = self.R, self.W
+        cos, sin = tables if tables is not None else (None, None)
+        rows = train_kernels.rope_scatter(qkv, cos, sin, self.pos, self.slot, R * W, H, Hkv, D)  # [R W, C]
+        r4 = rows.view(R, W, H + 2 * Hkv, D)
+        q, k, v = (r4[:, :, i:j].transpose(1, 2) for i, j in ((0, H), (H, H + Hkv), (H + Hkv, H + 2 * Hkv)))
+        o = _attention(q, k, v, self.mask, scale)  # [R, H, W, D]
+        return o.transpose(1, 2).reshape(R * W, H * D).index_select(0, self.slot)  # [T, H D]
 
 
 def fused_logits(model, rows: list[list[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,33 +219,48 @@ def fused_logits(model, rows: list[list[list[int]]]) -> tuple[torch.Tensor, torc
 
     Under bf16 autocast the matmuls and attention run in bf16 (logits bf16), as HF's forward would.
     Call only where `supported(model)`."""
-    cfg, m = model.config, model.model
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+    layout = _Rows(rows, dtype)
+    x = (
+        _gpt2_body(model, layout, dtype)
+        if model.config.model_type == "gpt2"
+        else _llama_body(model, layout, dtype)
+    )
+    return _linear(x, model.lm_head.weight, None, dtype), layout.ids  # [T, V], [T]
+
+
+def _llama_body(model, rows: _Rows, dtype: torch.dtype) -> torch.Tensor:
+    """Qwen2 / Llama up to the final norm: [T, d] in `dtype`."""
+    cfg, m = model.config, model.model
     H, Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
     D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
-    ids, pos, slot, allowed, W = _layout(rows)
-    R = len(rows)
-    # additive, in the scores' dtype, made once for every layer (a bool mask is converted per call)
-    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, float("-inf"))  # [R, 1, W, W]
-    cos, sin = _rope_tables(model, int(pos.max()) + 1)
-    h = F.embedding(ids, m.embed_tokens.weight)  # [T, d] fp32
+    tables = _rope_tables(model, int(rows.pos.max()) + 1)
+    h = _embed(rows.ids, m.embed_tokens)  # [T, d] fp32: the residual stream
     for layer in m.layers:
         a, mlp = layer.self_attn, layer.mlp
-        n1 = layer.input_layernorm
+        n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         x = train_kernels.rms_norm(h, n1.weight, n1.variance_epsilon, dtype)  # [T, d]
         w_qkv = _cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
         b_qkv = _cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
-        qkv = _linear(x, w_qkv, b_qkv, dtype)  # [T, (H + 2 Hkv) D]
-        rows_qkv = train_kernels.rope_scatter(qkv, cos, sin, pos, slot, R * W, H, Hkv, D)  # [R W, C]
-        r4 = rows_qkv.view(R, W, H + 2 * Hkv, D)
-        q, k, v = (r4[:, :, i:j].transpose(1, 2) for i, j in ((0, H), (H, H + Hkv), (H + Hkv, H + 2 * Hkv)))
-        o = _attention(q, k, v, mask, a.scaling)  # [R, H, W, D]
-        o = o.transpose(1, 2).reshape(R * W, H * D).index_select(0, slot)  # [T, H D]
-        h = h + _linear(o, a.o_proj.weight, None, dtype)  # fp32 residual stream
-        n2 = layer.post_attention_layernorm
+        o = rows.attend(_linear(x, w_qkv, b_qkv, dtype), tables, H, Hkv, D, a.scaling)  # [T, H D]
+        h = h + _linear(o, a.o_proj.weight, None, dtype)
         x = train_kernels.rms_norm(h, n2.weight, n2.variance_epsilon, dtype)
         gu = _linear(x, _cat(mlp.gate_proj.weight, mlp.up_proj.weight), None, dtype)  # [T, 2F]
         h = h + _linear(train_kernels.swiglu(gu), mlp.down_proj.weight, None, dtype)
-    x = train_kernels.rms_norm(h, m.norm.weight, m.norm.variance_epsilon, dtype)
-    head = model.lm_head
-    return _linear(x, head.weight, getattr(head, "bias", None), dtype), ids  # [T, V], [T]
+    return train_kernels.rms_norm(h, m.norm.weight, m.norm.variance_epsilon, dtype)
+
+
+def _gpt2_body(model, rows: _Rows, dtype: torch.dtype) -> torch.Tensor:
+    """GPT-2 up to the final LayerNorm (its Conv1D weights are [in, out]: linear layers of w.T)."""
+    t, H = model.transformer, model.config.n_head
+    D = model.config.n_embd // H
+    h = _embed(rows.ids, t.wte) + _embed(rows.pos, t.wpe)  # [T, d] fp32
+    for blk in t.h:
+        a, mlp = blk.attn, blk.mlp
+        x = train_kernels.layer_norm(h, blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps, dtype)
+        o = rows.attend(_linear(x, a.c_attn.weight.t(), a.c_attn.bias, dtype), None, H, H, D, a.scaling)
+        h = h + _linear(o, a.c_proj.weight.t(), a.c_proj.bias, dtype)
+        x = train_kernels.layer_norm(h, blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps, dtype)
+        u = train_kernels.gelu_tanh(_linear(x, mlp.c_fc.weight.t(), mlp.c_fc.bias, dtype))  # [T, F]
+        h = h + _linear(u, mlp.c_proj.weight.t(), mlp.c_proj.bias, dtype)
+    return train_kernels.layer_norm(h, t.ln_f.weight, t.ln_f.bias, t.ln_f.eps, dtype)

@@ -1,10 +1,10 @@
 """The training forward's C kernels (`csrc/train.c`) as autograd Functions; optional.
 
 Each Function does one pass over memory forward and one backward where PyTorch's autograd does
-many (see train.c): `rms_norm` (HF's RMSNorm, output fp32 or bf16 for the next matmul), `swiglu`
-(silu(gate) * up from the fused gate|up projection) and `rope_scatter` (RoPE of the fused q|k|v
-projection's q and k heads, each token's row moved to its slot in the attention layout of packed
-rows). Arithmetic is fp32; bf16 tensors (a bf16 matmul's input or output) are read and written
+many (see train.c): `rms_norm` and `layer_norm` (output fp32 or bf16 for the next matmul), `swiglu`
+(silu(gate) * up from the fused gate|up projection), `gelu_tanh` (GPT-2's) and `rope_scatter` (RoPE
+of the fused q|k|v projection's q and k heads, each token's row moved to its slot in the attention
+layout of packed rows). Arithmetic is fp32; bf16 tensors (a bf16 matmul's input or output) are read and written
 directly, rounded to nearest even.
 
 The library is built by `cbuild` at first use and checked against the PyTorch formulas (values and
@@ -40,8 +40,12 @@ def _load(path: Path):
     return cbuild.load(
         path,
         {
-            "r1lab_rms_fwd": ([ptr, ptr, f32, ptr, c_int, ptr, i64, i64, c_int], c_int),
-            "r1lab_rms_bwd": ([ptr, ptr, ptr, ptr, c_int, ptr, ptr, i64, i64, c_int], c_int),
+            "r1lab_norm_fwd": ([ptr, ptr, ptr, f32, c_int, ptr, c_int, ptr, ptr, i64, i64, c_int], c_int),
+            "r1lab_norm_bwd": (
+                [ptr, ptr, ptr, ptr, c_int, ptr, c_int, ptr, ptr, ptr, i64, i64, c_int],
+                c_int,
+            ),
+            "r1lab_gelu": ([ptr, c_int, ptr, c_int, ptr, c_int, i64, i64, c_int], c_int),
             "r1lab_swiglu_fwd": ([ptr, c_int, ptr, c_int, i64, i64, c_int], c_int),
             "r1lab_swiglu_bwd": ([ptr, c_int, ptr, c_int, ptr, c_int, i64, i64, c_int], c_int),
             "r1lab_rope_scatter": rope,
@@ -67,41 +71,66 @@ def _contig(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype in (torch.float32, torch.bfloat16) else x.float()
 
 
-class _RMSNorm(torch.autograd.Function):
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+class _Norm(torch.autograd.Function):
+    """RMSNorm (`b` None and not `layer_norm`) or LayerNorm of x [T, d] fp32 -> [T, d] `out_dtype`."""
+
     @staticmethod
-    def forward(ctx, x, w, eps: float, out_dtype: torch.dtype):  # x [T, d] fp32, w [d]
+    def forward(ctx, x, w, b, eps: float, layer_norm: bool, out_dtype: torch.dtype):
         T, d = x.shape
         out = torch.empty(T, d, dtype=out_dtype)
-        rstd = torch.empty(T)
-        rc = _lib.r1lab_rms_fwd(
-            x.data_ptr(),
-            w.data_ptr(),
-            eps,
-            out.data_ptr(),
-            _half(out),
-            rstd.data_ptr(),
-            T,
-            d,
-            torch.get_num_threads(),
-        )
-        _ok(rc, "rms_norm")
-        ctx.save_for_backward(x, w, rstd)
+        mean, rstd = (torch.empty(T) if layer_norm else None), torch.empty(T)
+        rc = _lib.r1lab_norm_fwd(
+            x.data_ptr(), w.data_ptr(), _ptr(b), eps, int(layer_norm), out.data_ptr(), _half(out), _ptr(mean),
+            rstd.data_ptr(), T, d, torch.get_num_threads(),
+        )  # fmt: skip
+        _ok(rc, "norm")
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.layer_norm, ctx.bias = layer_norm, b is not None
         return out
 
     @staticmethod
     def backward(ctx, dy):
-        x, w, rstd = ctx.saved_tensors
+        x, w, mean, rstd = ctx.saved_tensors
         T, d = x.shape
         dy = _contig(dy)
         threads = torch.get_num_threads()
         dx = torch.empty(T, d)
-        parts = torch.empty(threads, d)
-        rc = _lib.r1lab_rms_bwd(
-            x.data_ptr(), w.data_ptr(), rstd.data_ptr(), dy.data_ptr(), _half(dy), dx.data_ptr(), parts.data_ptr(),
-            T, d, threads,
+        dw = torch.empty(threads, d)
+        db = torch.empty(threads, d) if ctx.bias else None
+        rc = _lib.r1lab_norm_bwd(
+            x.data_ptr(), w.data_ptr(), _ptr(mean), rstd.data_ptr(), int(ctx.layer_norm), dy.data_ptr(), _half(dy),
+            dx.data_ptr(), dw.data_ptr(), _ptr(db), T, d, threads,
         )  # fmt: skip
-        _ok(rc, "rms_norm backward")
-        return dx, parts.sum(0), None, None
+        _ok(rc, "norm backward")
+        return dx, dw.sum(0), (db.sum(0) if db is not None else None), None, None, None
+
+
+class _GELU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u):  # [T, F] -> [T, F], same dtype
+        out = torch.empty_like(u)
+        rc = _lib.r1lab_gelu(
+            u.data_ptr(), _half(u), None, 0, out.data_ptr(), _half(out), *u.shape, torch.get_num_threads()
+        )
+        _ok(rc, "gelu")
+        ctx.save_for_backward(u)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        (u,) = ctx.saved_tensors
+        dy = _contig(dy)
+        du = torch.empty_like(u)
+        rc = _lib.r1lab_gelu(
+            u.data_ptr(), _half(u), dy.data_ptr(), _half(dy), du.data_ptr(), _half(du), *u.shape,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        _ok(rc, "gelu backward")
+        return du
 
 
 class _SwiGLU(torch.autograd.Function):
@@ -130,14 +159,19 @@ class _SwiGLU(torch.autograd.Function):
         return dgu
 
 
+def _positions(cos: torch.Tensor | None, pos: torch.Tensor) -> int:
+    """The positions a table covers (without tables, any position is valid)."""
+    return cos.shape[0] if cos is not None else int(pos.max()) + 1 if len(pos) else 1
+
+
 class _RopeScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qkv, cos, sin, pos, slot, S: int, H: int, Hkv: int, D: int):  # qkv [T, C] -> [S, C]
         T, C = qkv.shape
         out = qkv.new_zeros(S, C)
         rc = _lib.r1lab_rope_scatter(
-            qkv.data_ptr(), _half(qkv), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), slot.data_ptr(),
-            out.data_ptr(), T, S, cos.shape[0], H, Hkv, D, torch.get_num_threads(),
+            qkv.data_ptr(), _half(qkv), _ptr(cos), _ptr(sin), pos.data_ptr(), slot.data_ptr(),
+            out.data_ptr(), T, S, _positions(cos, pos), H, Hkv, D, torch.get_num_threads(),
         )  # fmt: skip
         _ok(rc, "rope_scatter")
         ctx.save_for_backward(cos, sin, pos, slot)
@@ -151,8 +185,8 @@ class _RopeScatter(torch.autograd.Function):
         dout = _contig(dout).to(dtype)
         dqkv = torch.empty(T, dout.shape[1], dtype=dtype)
         rc = _lib.r1lab_rope_gather(
-            dout.data_ptr(), _half(dout), cos.data_ptr(), sin.data_ptr(), pos.data_ptr(), slot.data_ptr(),
-            dqkv.data_ptr(), T, S, cos.shape[0], H, Hkv, D, torch.get_num_threads(),
+            dout.data_ptr(), _half(dout), _ptr(cos), _ptr(sin), pos.data_ptr(), slot.data_ptr(),
+            dqkv.data_ptr(), T, S, _positions(cos, pos), H, Hkv, D, torch.get_num_threads(),
         )  # fmt: skip
         _ok(rc, "rope_scatter backward")
         return dqkv, None, None, None, None, None, None, None, None
@@ -161,7 +195,19 @@ class _RopeScatter(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """HF's RMSNorm `w * (x * rsqrt(mean(x^2) + eps))` of x [T, d] fp32 contiguous, in `out_dtype`."""
     _need()
-    return _RMSNorm.apply(x, w, eps, out_dtype)
+    return _Norm.apply(x, w, None, eps, False, out_dtype)
+
+
+def layer_norm(x, w, b, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """`F.layer_norm(x, (d,), w, b, eps)` of x [T, d] fp32 contiguous (b may be None), in `out_dtype`."""
+    _need()
+    return _Norm.apply(x, w, b, eps, True, out_dtype)
+
+
+def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU (`approximate="tanh"`) of a contiguous fp32 or bf16 tensor [T, F], in its dtype."""
+    _need()
+    return _GELU.apply(u)
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
@@ -172,7 +218,8 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
 
 def rope_scatter(qkv, cos, sin, pos, slot, slots: int, heads: int, kv_heads: int, head_dim: int):
     """qkv [T, (H + 2 Hkv) D] -> [slots, (H + 2 Hkv) D]: row t at slot[t] with its q and k heads rotated
-    by position pos[t] (cos/sin [P, D/2] fp32, HF's rotate_half convention); other slots zero."""
+    by position pos[t] (cos/sin [P, D/2] fp32, HF's rotate_half convention; None: not rotated, for
+    learned positions); other slots zero."""
     _need()
     return _RopeScatter.apply(qkv, cos, sin, pos, slot, slots, heads, kv_heads, head_dim)
 
@@ -180,6 +227,9 @@ def rope_scatter(qkv, cos, sin, pos, slot, slots: int, heads: int, kv_heads: int
 def rope_reference(qkv, cos, sin, pos, slot, slots: int, heads: int, kv_heads: int, head_dim: int):
     """`rope_scatter` in PyTorch (HF's `apply_rotary_pos_emb` formula), for the probe and tests."""
     T = qkv.shape[0]
+    if cos is None:
+        x = qkv.float()
+        return x.new_zeros(slots, x.shape[1]).index_copy(0, slot, x).to(qkv.dtype)
     x = qkv.float().view(T, heads + 2 * kv_heads, head_dim)
     c = torch.cat([cos[pos], cos[pos]], -1)[:, None]  # [T, 1, D]
     s = torch.cat([sin[pos], sin[pos]], -1)[:, None]
@@ -214,6 +264,15 @@ def _probe() -> str | None:
 
         if not close(grads(lambda a, b, dt=dt: rms_norm(a, b, 1e-6, dt), x, w), grads(ref_norm, x, w), half):
             return f"rms_norm (bf16={half})"
+        b = torch.randn(40, generator=gen)
+        got = grads(lambda a, c, e, dt=dt: layer_norm(a, c, e, 1e-5, dt), x, w, b)
+        if not close(
+            got, grads(lambda a, c, e, dt=dt: F.layer_norm(a, (40,), c, e, 1e-5).to(dt), x, w, b), half
+        ):
+            return f"layer_norm (bf16={half})"
+        u = (torch.randn(3, 50, generator=gen) * 3).to(dt)
+        if not close(grads(gelu_tanh, u), grads(lambda v: F.gelu(v.float(), approximate="tanh"), u), half):
+            return f"gelu_tanh (bf16={half})"
         gu = (torch.randn(4, 48, generator=gen) * 4).to(dt)
 
         def ref_swiglu(u):
@@ -227,10 +286,11 @@ def _probe() -> str | None:
         ang = torch.rand(9, d // 2, generator=gen) * 6
         cos, sin = ang.cos(), ang.sin()
         pos, slot = torch.tensor([0, 1, 2, 0, 1, 8]), torch.tensor([0, 1, 2, 4, 5, 9])
-        args = (cos, sin, pos, slot, 11, heads, kv, d)
-        got = grads(lambda q, a=args: rope_scatter(q, *a), qkv)
-        if not close(got, grads(lambda q, a=args: rope_reference(q.float(), *a), qkv), half):
-            return f"rope_scatter (bf16={half})"
+        rest = (pos, slot, 11, heads, kv, d)
+        for args in ((cos, sin, *rest), (None, None, *rest)):  # rotated, then a plain scatter
+            got = grads(lambda q, a=args: rope_scatter(q, *a), qkv)
+            if not close(got, grads(lambda q, a=args: rope_reference(q.float(), *a), qkv), half):
+                return f"rope_scatter (bf16={half}, rope={args[0] is not None})"
     return None
 
 

@@ -5,10 +5,12 @@
  * a concatenation, products) and SwiGLU as 3 forward and 5 backward, each a pass over memory; under
  * bf16 autocast every projection also casts its input again. Here each is one pass each way:
  *
- *   r1lab_rms_fwd    out = w * (x * rstd), rstd = 1 / sqrt(mean(x^2) + eps); out fp32 or bf16
- *   r1lab_rms_bwd    dx and per-thread partial sums of dw, from x, w, rstd and dy (fp32 or bf16)
+ *   r1lab_norm_fwd   RMSNorm (HF's order of operations) or LayerNorm; out fp32 or bf16
+ *   r1lab_norm_bwd   dx and per-thread partial sums of dw (and db), from x, w, the saved statistics
+ *                    and dy (fp32 or bf16)
  *   r1lab_swiglu_fwd out = silu(gate) * up from the fused [gate | up] projection
  *   r1lab_swiglu_bwd d[gate | up] from [gate | up] and d out
+ *   r1lab_gelu       GPT-2's tanh GELU, forward or backward
  *   r1lab_rope_scatter   RoPE of the q and k heads of each token's fused q|k|v projection, the
  *                    row copied to slot[t] of the attention layout (rows of packed sequences)
  *   r1lab_rope_gather    its backward: row slot[t] gathered back and rotated by -angle
@@ -36,10 +38,12 @@ static inline void put_row(void *dst, int bf16, int64_t i, int64_t cols, const f
     else memcpy((float *)dst + i * cols, buf, (size_t)cols * sizeof(float));
 }
 
-/* x [T, d] fp32 -> out [T, d] (fp32 or bf16) = w * (x * rstd); rstd [T]. HF's RMSNorm order of
- * operations. Returns -1 when a thread could not allocate its buffer. */
-int r1lab_rms_fwd(const float *x, const float *w, float eps, void *out, int out_bf16, float *rstd,
-                  int64_t T, int64_t d, int threads) {
+/* x [T, d] fp32 -> out [T, d] (fp32 or bf16). RMSNorm (layer_norm 0): out = w * (x * rstd),
+ * rstd = 1 / sqrt(mean(x^2) + eps), HF's order of operations. LayerNorm (layer_norm 1): out =
+ * (x - mean) * rstd * w + b (biased variance; b may be NULL), mean [T] written too. Returns -1 when a
+ * thread could not allocate its buffer. */
+int r1lab_norm_fwd(const float *x, const float *w, const float *b, float eps, int layer_norm, void *out,
+                   int out_bf16, float *mean, float *rstd, int64_t T, int64_t d, int threads) {
     int failed = 0;
     #pragma omp parallel num_threads(threads) if (T * d >= 32768)
     {
@@ -52,13 +56,24 @@ int r1lab_rms_fwd(const float *x, const float *w, float eps, void *out, int out_
         for (int64_t t = 0; t < T; ++t) {
             if (!buf) continue;
             const float *restrict xr = x + t * d;
-            float ss = 0.f;
+            float mu = 0.f, ss = 0.f;
+            if (layer_norm) {
+                #pragma omp simd reduction(+ : mu)
+                for (int64_t i = 0; i < d; ++i) mu += xr[i];
+                mu /= (float)d;
+                mean[t] = mu;
+            }
             #pragma omp simd reduction(+ : ss)
-            for (int64_t i = 0; i < d; ++i) ss += xr[i] * xr[i];
+            for (int64_t i = 0; i < d; ++i) ss += (xr[i] - mu) * (xr[i] - mu);
             const float r = 1.0f / sqrtf(ss / (float)d + eps);
             rstd[t] = r;
-            #pragma omp simd
-            for (int64_t i = 0; i < d; ++i) buf[i] = w[i] * (xr[i] * r);
+            if (layer_norm) {
+                #pragma omp simd
+                for (int64_t i = 0; i < d; ++i) buf[i] = (xr[i] - mu) * r * w[i] + (b ? b[i] : 0.f);
+            } else {
+                #pragma omp simd
+                for (int64_t i = 0; i < d; ++i) buf[i] = w[i] * (xr[i] * r);
+            }
             put_row(out, out_bf16, t, d, buf);
         }
         free(buf);
@@ -66,17 +81,22 @@ int r1lab_rms_fwd(const float *x, const float *w, float eps, void *out, int out_
     return failed ? -1 : 0;
 }
 
-/* The backward of r1lab_rms_fwd: dx [T, d] fp32 = rstd * (g - xhat * mean(g * xhat)) with
- * xhat = x * rstd, g = dy * w; dw_part [threads, d] gets each thread's sum of dy * xhat (the caller
- * sums the rows). dy fp32 or bf16. */
-int r1lab_rms_bwd(const float *x, const float *w, const float *rstd, const void *dy, int dy_bf16, float *dx,
-                  float *dw_part, int64_t T, int64_t d, int threads) {
+/* The backward of r1lab_norm_fwd, with xhat = (x - mean) * rstd (mean 0 for RMSNorm) and g = dy * w:
+ * dx [T, d] fp32 = rstd * (g - [mean(g)] - xhat * mean(g * xhat)), the bracket for LayerNorm only.
+ * dw_part [threads, d] gets each thread's sum of dy * xhat and db_part (unless NULL) its sum of dy;
+ * the caller sums the rows. dy fp32 or bf16. */
+int r1lab_norm_bwd(const float *x, const float *w, const float *mean, const float *rstd, int layer_norm,
+                   const void *dy, int dy_bf16, float *dx, float *dw_part, float *db_part, int64_t T, int64_t d,
+                   int threads) {
     int failed = 0;
     memset(dw_part, 0, (size_t)threads * (size_t)d * sizeof(float));
+    if (db_part) memset(db_part, 0, (size_t)threads * (size_t)d * sizeof(float));
     #pragma omp parallel num_threads(threads)
     {
         float *buf = malloc((size_t)d * sizeof(float));
-        float *restrict dw = dw_part + (int64_t)omp_get_thread_num() * d;
+        const int64_t tid = omp_get_thread_num();
+        float *restrict dw = dw_part + tid * d;
+        float *restrict db = db_part ? db_part + tid * d : NULL;
         if (!buf) {
             #pragma omp atomic write
             failed = 1;
@@ -86,18 +106,23 @@ int r1lab_rms_bwd(const float *x, const float *w, const float *rstd, const void 
             if (!buf) continue;
             const float *restrict xr = x + t * d;
             float *restrict dxr = dx + t * d;
-            const float r = rstd[t];
+            const float r = rstd[t], mu = layer_norm ? mean[t] : 0.f;
             get_row(dy, dy_bf16, t, d, buf);
-            float dot = 0.f;
-            #pragma omp simd reduction(+ : dot)
+            float dot = 0.f, gsum = 0.f;
+            #pragma omp simd reduction(+ : dot, gsum)
             for (int64_t i = 0; i < d; ++i) {
-                const float xh = xr[i] * r;
-                dot += buf[i] * w[i] * xh;
+                const float xh = (xr[i] - mu) * r, g = buf[i] * w[i];
+                dot += g * xh;
+                gsum += g;
                 dw[i] += buf[i] * xh;
             }
-            const float c = dot / (float)d;
+            if (db) {
+                #pragma omp simd
+                for (int64_t i = 0; i < d; ++i) db[i] += buf[i];
+            }
+            const float c = dot / (float)d, m = layer_norm ? gsum / (float)d : 0.f;
             #pragma omp simd
-            for (int64_t i = 0; i < d; ++i) dxr[i] = r * (buf[i] * w[i] - xr[i] * r * c);
+            for (int64_t i = 0; i < d; ++i) dxr[i] = r * (buf[i] * w[i] - m - (xr[i] - mu) * r * c);
         }
         free(buf);
     }
@@ -159,6 +184,49 @@ int r1lab_swiglu_bwd(const void *gu, int in_bf16, const void *dy, int dy_bf16, v
     return failed ? -1 : 0;
 }
 
+/* GPT-2's GELU, 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi), with tanh(y) = 1 - 2/(e^{2y}+1);
+ * its derivative 0.5 (1 + tanh) + 0.5 x (1 - tanh^2) k (1 + 3 * 0.044715 x^2). */
+static inline __attribute__((always_inline)) float tanh_of(float y) { return 1.0f - 2.0f / (fast_expf(2.0f * y) + 1.0f); }
+static inline __attribute__((always_inline)) float gelu1(float x) {
+    return 0.5f * x * (1.0f + tanh_of(0.7978845608028654f * (x + 0.044715f * x * x * x)));
+}
+static inline __attribute__((always_inline)) float gelu_grad1(float x) {
+    const float th = tanh_of(0.7978845608028654f * (x + 0.044715f * x * x * x));
+    return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * 0.7978845608028654f * (1.0f + 0.134145f * x * x);
+}
+
+/* u [T, F] -> out [T, F] = gelu(u) (mode 0), or the backward dx = dy * gelu'(u) (mode 1, dy given);
+ * each tensor fp32 or bf16. */
+int r1lab_gelu(const void *u, int in_bf16, const void *dy, int dy_bf16, void *out, int out_bf16, int64_t T,
+               int64_t F, int threads) {
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) if (T * F >= 32768)
+    {
+        float *buf = malloc((size_t)(2 * F) * sizeof(float));
+        if (!buf) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < T; ++t) {
+            if (!buf) continue;
+            float *restrict x = buf, *restrict g = buf + F;
+            get_row(u, in_bf16, t, F, x);
+            if (dy) {
+                get_row(dy, dy_bf16, t, F, g);
+                #pragma omp simd
+                for (int64_t i = 0; i < F; ++i) x[i] = g[i] * gelu_grad1(x[i]);
+            } else {
+                #pragma omp simd
+                for (int64_t i = 0; i < F; ++i) x[i] = gelu1(x[i]);
+            }
+            put_row(out, out_bf16, t, F, x);
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
 /* Rotate the first nrot heads (of D each) of row x in place by the angle's cos c and sin s [D/2]
  * (HF's rotate_half convention; sign -1 rotates back: the transpose, for the backward). */
 static inline void rotate_heads(float *restrict x, int64_t nrot, int64_t D, const float *restrict c,
@@ -177,7 +245,8 @@ static inline void rotate_heads(float *restrict x, int64_t nrot, int64_t D, cons
 
 /* src [T, C] (C = (H + 2 Hkv) D, the fused q|k|v projection; fp32 or bf16) -> dst [S, C] (same
  * dtype, rows not in slot untouched): dst[slot[t]] = src[t] with its H + Hkv q and k heads rotated
- * by position pos[t] (cos/sin tables [P, D/2] fp32, row p = angle p). Returns -1 when out of memory,
+ * by position pos[t] (cos/sin tables [P, D/2] fp32, row p = angle p; NULL: no rotation, a plain
+ * scatter, for models with learned positions). Returns -1 when out of memory,
  * -2 when a position or slot is out of range (nothing written then). */
 int r1lab_rope_scatter(const void *src, int bf16, const float *cos_t, const float *sin_t, const int64_t *pos,
                        const int64_t *slot, void *dst, int64_t T, int64_t S, int64_t P, int64_t H, int64_t Hkv,
@@ -197,7 +266,7 @@ int r1lab_rope_scatter(const void *src, int bf16, const float *cos_t, const floa
         for (int64_t t = 0; t < T; ++t) {
             if (!buf) continue;
             get_row(src, bf16, t, C, buf);
-            rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, 1.0f);
+            if (cos_t) rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, 1.0f);
             put_row(dst, bf16, slot[t], C, buf);
         }
         free(buf);
@@ -224,7 +293,7 @@ int r1lab_rope_gather(const void *ddst, int bf16, const float *cos_t, const floa
         for (int64_t t = 0; t < T; ++t) {
             if (!buf) continue;
             get_row(ddst, bf16, slot[t], C, buf);
-            rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, -1.0f);
+            if (cos_t) rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, -1.0f);
             put_row(dsrc, bf16, t, C, buf);
         }
         free(buf);
