@@ -253,3 +253,15 @@ def test_rope_positions_out_of_range_are_an_error_not_a_crash():
         train_kernels.rope_scatter(
             qkv, cos, sin, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3]), 3, 2, 1, 16
         )
+
+
+def test_the_kernels_probe_passes_when_first_asked_under_no_grad(monkeypatch):
+    """The trainer first asks from inside no_grad (old log-probs) or autocast: the probe must not fail."""
+    monkeypatch.setattr(train_kernels, "_tried", False)
+    monkeypatch.setattr(train_kernels, "_lib", None)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert train_kernels.available(), train_kernels.reason
+    monkeypatch.setattr(train_kernels, "_tried", False)
+    monkeypatch.setattr(train_kernels, "_lib", None)
+    with torch.inference_mode():
+        assert train_kernels.available(), train_kernels.reason

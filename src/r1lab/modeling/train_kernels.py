@@ -304,7 +304,9 @@ def _get():
                 return None
             try:
                 _lib = _load(cbuild.build(SOURCE))
-                failed = _probe()
+                # the first caller may be inside no_grad, inference_mode or autocast: the probe needs none
+                with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+                    failed = _probe()
                 if failed:
                     reason = f"the built kernels disagreed with PyTorch on the probe: {failed}"
                     _lib = None
