@@ -24,6 +24,8 @@ against HF in fp32 and bf16, the GRPO update on both paths).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -96,11 +98,13 @@ def _gpt2_ok(model) -> bool:
 
 def supported(model) -> bool:
     """Whether `fused_logits` may replace this model's forward: the architecture matches, the C
-    kernels are available and, once per model (cached on it), the logits agree with HF's."""
+    kernels are available and, once per model (cached on it), the logits agree with HF's.
+    `R1LAB_FUSED=0` in the environment keeps HF's forward for every model."""
     cached = getattr(model, "_r1lab_fused_ok", None)
     if cached is not None:
         return cached
-    ok = _family(model) is not None and train_kernels.available()
+    off = os.environ.get("R1LAB_FUSED", "1") == "0"  # an A/B switch: HF's forward everywhere
+    ok = not off and _family(model) is not None and train_kernels.available()
     if ok:
         ok = _agrees_with_hf(model)
     model._r1lab_fused_ok = ok
