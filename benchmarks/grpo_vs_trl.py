@@ -369,7 +369,7 @@ def learning(args, tmp: Path) -> dict:
         if "error" in pre:
             return {"error": f"pretraining: {pre['error']}"}
     runs, finals = {}, {"base": args.base or str(base / "model")}
-    for system in ("r1lab", "trl"):
+    for system in args.learn_systems:
         log(f"learning: {system}, {args.learn_steps} GRPO steps from the base")
         spec = {"kind": system, "model": finals["base"], "dtype": args.learn_dtype, "steps": args.learn_steps}
         spec.update(warmup=0, seed=args.seed, lr=args.learn_lr, threads=args.threads, task=task)
@@ -455,6 +455,12 @@ def parse_args(argv=None):
         choices=["float32", "bfloat16"],
         help="both systems' precision in the learning run (bfloat16: r1lab's bf16 engine and autocast, TRL's bf16=True)",
     )
+    p.add_argument(
+        "--learn-systems",
+        default="r1lab,trl",
+        help="who runs the learning run (r1lab alone re-measures r1lab after a change to it; TRL's curve "
+        "for the same seed, dtype and flags does not change)",
+    )
     p.add_argument("--learn-digits", type=int, default=2, help="operands of at most this many digits")
     p.add_argument(
         "--learn-min-digits",
@@ -466,6 +472,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per child process")
     args = p.parse_args(argv)
+    args.learn_systems = [x for x in args.learn_systems.split(",") if x]
+    if unknown := set(args.learn_systems) - {"r1lab", "trl"}:
+        p.error(f"--learn-systems: unknown {', '.join(sorted(unknown))} (r1lab, trl)")
     if args.quick:
         args.sizes, args.dtypes, args.steps = "qwen2-4m", "float32", 2
         args.pretrain_steps, args.learn_steps, args.eval_problems = 60, 4, 50

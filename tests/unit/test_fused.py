@@ -179,6 +179,10 @@ def test_unsupported_models_keep_hf_forward():
     scaled = build_model("qwen2-4m", TOK, seed=0)
     scaled.config.rope_parameters = {**scaled.config.rope_parameters, "rope_type": "linear", "factor": 2.0}
     assert not fused.supported(scaled)
+    dropout = build_model("gpt2-1m", TOK, seed=0)
+    dropout.config.resid_pdrop = 0.1
+    assert fused.supported(dropout.eval())  # evaluated: no dropout, the fused forward is exact
+    assert not fused.supported(dropout.train())  # training would drop: HF's forward does that
     broken = build_model("qwen2-4m", TOK, seed=0)
     del broken.model.layers[0].mlp.gate_proj  # a structure this forward does not know
     assert not fused.supported(broken)

@@ -12,14 +12,17 @@ computes the same function from the same parameters (gradients land in the model
 * RMSNorm, LayerNorm, RoPE, SwiGLU and GELU run as the C kernels of `train_kernels` (one pass
   forward, one back);
 * only attention goes back to rows: RoPE writes q, k and v into rows of packed sequences (as
-  `packing.packed_tensors` lays them out) and SDPA runs there under the block-diagonal causal mask.
+  `packing.packed_tensors` lays them out), and attention runs there under the block-diagonal causal
+  mask, as two batched matmuls per layer with the query heads of a key head stacked (SDPA for rows
+  over `MATH_ATTENTION_MAX_WIDTH` tokens).
 
 Numerics: fp32 agrees with HF to float rounding; under bf16 autocast the matmuls, attention and the
 residual stream have HF's dtypes, while RoPE and the activations round once (from fp32) where HF's
 bf16 arithmetic rounds at every op. `supported(model)` checks the architecture and compares the
 logits with HF's once per model; anything else (other architectures, LoRA wrappers, sliding windows,
-RoPE scaling, dropout while training, GPUs, no C compiler) keeps HF's forward. Tests: tests/unit/test_fused.py (logits and gradients
-against HF in fp32 and bf16, the GRPO update on both paths).
+RoPE scaling, dropout while training, GPUs, no C compiler) keeps HF's forward. Tests:
+tests/unit/test_fused.py (logits and gradients against HF in fp32 and bf16, the GRPO update on both
+paths, the kernels against PyTorch).
 """
 
 from __future__ import annotations
@@ -64,7 +67,6 @@ def _llama_ok(model) -> bool:
         and rope.get("rope_type", "default") == "default"
         and float(getattr(m.rotary_emb, "attention_scaling", 1.0)) == 1.0
         and not getattr(cfg, "use_sliding_window", False)
-        and not (model.training and float(getattr(cfg, "attention_dropout", 0.0)) > 0)
         and not getattr(cfg, "mlp_bias", False)
         and m.embed_tokens.weight.dim() == 2
         and hasattr(m.norm, "variance_epsilon")
@@ -80,10 +82,8 @@ def _llama_ok(model) -> bool:
 
 def _gpt2_ok(model) -> bool:
     cfg, t = model.config, model.transformer
-    drop = max(float(getattr(cfg, k, 0.0) or 0.0) for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"))
     ok = (
         cfg.activation_function in GPT2_ACTIVATIONS
-        and not (model.training and drop > 0)
         and not getattr(cfg, "add_cross_attention", False)
         and not getattr(cfg, "reorder_and_upcast_attn", False)
         and isinstance(t.ln_f, torch.nn.LayerNorm)
@@ -100,6 +100,8 @@ def supported(model) -> bool:
     """Whether `fused_logits` may replace this model's forward: the architecture matches, the C
     kernels are available and, once per model (cached on it), the logits agree with HF's.
     `R1LAB_FUSED=0` in the environment keeps HF's forward for every model."""
+    if _dropout_active(model):  # this forward has no dropout: while it would drop, HF's runs
+        return False
     cached = getattr(model, "_r1lab_fused_ok", None)
     if cached is not None:
         return cached
@@ -109,6 +111,12 @@ def supported(model) -> bool:
         ok = _agrees_with_hf(model)
     model._r1lab_fused_ok = ok
     return ok
+
+
+def _dropout_active(model) -> bool:
+    cfg = model.config
+    names = ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+    return model.training and any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in names)
 
 
 def _agrees_with_hf(model) -> bool:

@@ -32,8 +32,8 @@ class RLSection(Section):
         2048,
         ge=64,
         description="tokens per forward/backward, padding included (gradient accumulation); 2048 was "
-        "fastest on a 2-core CPU at 4M and 34M parameters (benchmarks/train_throughput.py), GPU recipes "
-        "use 32768",
+        "fastest on a 2-core CPU at 4M and 34M parameters (benchmarks/train_throughput.py; 4096 was no "
+        "faster with r1lab's own forward), GPU recipes use 32768",
     )
     pack_sequences: bool = Field(
         True,
