@@ -138,7 +138,7 @@ def worker(spec: dict) -> dict:
     from r1lab.modeling import fused
 
     if spec["path"] == "r1lab-hf":
-        model._r1lab_fused_ok = False  # packed, through HF's own forward
+        fused.disable(model)  # packed, through HF's own forward
     own = spec["path"] == "r1lab" and fused.supported(model)
     padded = kernel_tokens(rows, spec["micro_batch_tokens"], spec["path"] in ("r1lab", "r1lab-hf"), own)
 

@@ -34,19 +34,19 @@ def ragged(n: int, seed: int, longest: int = 40) -> list[list[int]]:
     return [[rng.randrange(5, 120) for _ in range(rng.randint(2, longest))] for _ in range(n)]
 
 
-def llama(seed: int = 0):
+def llama(seed: int = 0, **extra):
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    options = dict(
         vocab_size=len(TOK), hidden_size=64, intermediate_size=160, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
     )  # fmt: skip
-    return LlamaForCausalLM(cfg)
+    return LlamaForCausalLM(LlamaConfig(**{**options, **extra}))
 
 
 def hf_path(model):
     """A copy of `model` that `packed_token_logprobs` runs through HF's own forward."""
     other = copy.deepcopy(model)
-    other._r1lab_fused_ok = False
+    fused.disable(other)
     return other
 
 
@@ -64,6 +64,7 @@ def scores_and_grads(model, seqs, weights, temperature=1.0, autocast=False):
 MODELS = {
     "qwen2": lambda: build_model("qwen2-4m", TOK, seed=1),
     "llama": llama,
+    "llama-head-dim": lambda: llama(head_dim=32, num_key_value_heads=2),  # 4 heads of 32 in d = 64
     "gpt2": lambda: build_model("gpt2-1m", TOK, seed=1),
 }
 
@@ -188,13 +189,75 @@ def test_unsupported_models_keep_hf_forward():
     assert not fused.supported(broken)
 
 
+class Replaced(torch.nn.Module):
+    """A layer standing in for a linear one (as a LoRA wrapper does): it has a `.weight`, and more."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.weight, self.bias = inner, inner.weight, inner.bias
+        self.extra = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.inner(x) + self.extra
+
+
+def test_what_changes_after_the_first_check_is_checked_again():
+    model = build_model("qwen2-4m", TOK, seed=0).train()
+    assert fused.supported(model)
+    assert not fused.supported(copy.deepcopy(model).to(torch.bfloat16))  # another dtype
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not fused.supported(model)  # only bf16 autocast (or none)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fused.supported(model)
+    layer = model.model.layers[1].self_attn
+    layer.v_proj = Replaced(layer.v_proj)  # changed in place: the structure is checked on every call
+    assert not fused.supported(model)
+    fresh = build_model("qwen2-4m", TOK, seed=0)
+    fused.disable(fresh)
+    assert not fused.supported(fresh)
+
+
+def test_frozen_parameters_get_no_gradient_and_the_rest_hfs():
+    model = build_model("qwen2-4m", TOK, seed=2).train()
+    for p in (*model.model.embed_tokens.parameters(), *model.model.layers[0].parameters()):
+        p.requires_grad_(False)
+    seqs = ragged(6, seed=1)
+    weights = torch.randn(len(seqs), max(map(len, seqs)) - 1, generator=torch.Generator().manual_seed(2))
+    got, want = scores_and_grads(model, seqs, weights), scores_and_grads(hf_path(model), seqs, weights)
+    assert got[2].keys() == want[2].keys()
+    assert not any(n.startswith(("model.embed_tokens", "model.layers.0.")) for n in got[2])
+    for name, g in want[2].items():
+        torch.testing.assert_close(got[2][name], g, atol=1e-6 * float(g.abs().max()) + 1e-7, rtol=1e-4)
+
+
+def test_bad_kernel_arguments_are_clear_errors():
+    with pytest.raises(ValueError, match="x must be a contiguous CPU tensor"):
+        train_kernels.rms_norm(torch.randn(4, 3).t(), torch.ones(4), 1e-5, torch.float32)
+    with pytest.raises(ValueError, match="the weight must be"):
+        train_kernels.layer_norm(torch.randn(3, 4), torch.ones(5), None, 1e-5, torch.float32)
+    with pytest.raises(ValueError, match="even number of columns"):
+        train_kernels.swiglu(torch.randn(3, 5))
+    with pytest.raises(ValueError, match="qkv must be"):
+        train_kernels.rope_scatter(
+            torch.randn(3, 60), None, None, torch.arange(3), torch.arange(3), 3, 2, 1, 16
+        )
+    with pytest.raises(ValueError, match="cos must be"):
+        cos = torch.ones(4, 6)  # D/2 = 8 columns expected
+        train_kernels.rope_scatter(
+            torch.randn(3, 64), cos, cos, torch.arange(3), torch.arange(3), 3, 2, 1, 16
+        )
+    with pytest.raises(ValueError, match="no tokens"):
+        fused.fused_logits(build_model("qwen2-4m", TOK), [[[]]])
+
+
 def test_a_model_whose_logits_disagree_is_refused(monkeypatch):
     """The per-model check compares with HF's logits: a forward that drifted from it is not used."""
     model = build_model("qwen2-4m", TOK, seed=0).train()
     real = fused.fused_logits
     monkeypatch.setattr(fused, "fused_logits", lambda m, rows: (real(m, rows)[0] * 1.01, real(m, rows)[1]))
+    model.model.layers[0].eval()  # a submodule's own mode survives the check too
     assert not fused.supported(model)
-    assert model.training  # the check restored the mode it found
+    assert model.training and not model.model.layers[0].training
 
 
 # ---- the C kernels against the PyTorch formulas, at sizes past the single-thread cut-off ----

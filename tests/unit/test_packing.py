@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from r1lab.modeling import build_char_tokenizer, build_model, packing, token_logprobs
+from r1lab.modeling import build_char_tokenizer, build_model, fused, packing, token_logprobs
 from r1lab.modeling.packing import pack_micro_batches, packed_token_logprobs, packing_supported
 
 TOK = build_char_tokenizer()
@@ -32,7 +32,7 @@ def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 def test_packed_logprobs_and_gradients_equal_the_padded_ones(preset, math_width, monkeypatch):
     monkeypatch.setattr(packing, "MATH_ATTENTION_MAX_WIDTH", math_width)
     model = build_model(preset, TOK, seed=0)
-    model._r1lab_fused_ok = False  # HF's own forward, packed (r1lab's: tests/unit/test_fused.py)
+    fused.disable(model)  # HF's own forward, packed (r1lab's: tests/unit/test_fused.py)
     seqs = ragged(11, seed=preset == "gpt2-1m")
     weights = torch.randn(len(seqs), max(map(len, seqs)) - 1)  # [B, L-1] a loss touching every position
 

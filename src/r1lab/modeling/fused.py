@@ -31,52 +31,62 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from r1lab.modeling import onednn, train_kernels
 
 LLAMA_LIKE = ("qwen2", "llama")  # RMSNorm, RoPE, SwiGLU, grouped-query attention
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # the tanh GELU
+_LINEARS = (nn.Linear, onednn.OneDNNLinear)  # exactly these classes: a subclass may compute more
+_CONV1DS = (Conv1D, onednn.OneDNNConv1D)
 #: Rows up to this many tokens run attention as batched matmuls: `_attention` here, SDPA's math
 #: kernel in HF's forward (`packing.attention_backend`). Their scores are [rows, heads, W, W].
 MATH_ATTENTION_MAX_WIDTH = 512
 
 
 def _family(model) -> str | None:
-    """ "llama" (Qwen2, Llama) or "gpt2" when the model has the structure this forward reproduces."""
-    try:
-        cfg = model.config
-        p = next(model.parameters())
-        if p.device.type != "cpu" or p.dtype != torch.float32 or model.lm_head.weight.dim() != 2:
-            return None
-        if getattr(model.lm_head, "bias", None) is not None:
-            return None
-        if cfg.model_type in LLAMA_LIKE:
-            return "llama" if _llama_ok(model) else None
-        if cfg.model_type == "gpt2":
-            return "gpt2" if _gpt2_ok(model) else None
-    except (AttributeError, StopIteration):
-        pass
+    """ "llama" (Qwen2, Llama) or "gpt2" when the model has the structure this forward reproduces:
+    the config's options, the exact module classes (a LoRA layer or any other replacement is not
+    one), every parameter fp32 on the CPU."""
+    cfg = model.config
+    if any(p.device.type != "cpu" or p.dtype != torch.float32 for p in model.parameters()):
+        return None
+    if type(model.lm_head) not in _LINEARS or model.lm_head.bias is not None:
+        return None
+    if cfg.model_type in LLAMA_LIKE:
+        return "llama" if _llama_ok(model) else None
+    if cfg.model_type == "gpt2":
+        return "gpt2" if _gpt2_ok(model) else None
     return None
+
+
+def _named(module, *suffixes: str) -> bool:
+    return type(module).__name__.endswith(suffixes)
 
 
 def _llama_ok(model) -> bool:
     cfg, m = model.config, model.model
     rope = getattr(cfg, "rope_parameters", None) or {}
+    H = cfg.num_attention_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     ok = (
         cfg.hidden_act == "silu"
         and rope.get("rope_type", "default") == "default"
         and float(getattr(m.rotary_emb, "attention_scaling", 1.0)) == 1.0
+        and 2 * m.rotary_emb.inv_freq.numel() == D  # every dimension rotated (no partial rotary)
         and not getattr(cfg, "use_sliding_window", False)
         and not getattr(cfg, "mlp_bias", False)
-        and m.embed_tokens.weight.dim() == 2
-        and hasattr(m.norm, "variance_epsilon")
+        and type(m.embed_tokens) is nn.Embedding
+        and _named(m.norm, "RMSNorm")
     )
     for layer in m.layers:
         a, mlp = layer.self_attn, layer.mlp
         linears = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
-        ok = ok and all(x.weight.dim() == 2 for x in linears) and a.o_proj.bias is None
-        ok = ok and all(x.weight.dim() == 1 and hasattr(x, "variance_epsilon") for x in norms)
+        ok = ok and _named(layer, "DecoderLayer") and _named(a, "Attention") and _named(mlp, "MLP")
+        ok = ok and all(type(x) in _LINEARS for x in linears) and a.o_proj.bias is None
+        ok = ok and all(_named(x, "RMSNorm") and hasattr(x, "variance_epsilon") for x in norms)
     return bool(ok)
 
 
@@ -86,44 +96,69 @@ def _gpt2_ok(model) -> bool:
         cfg.activation_function in GPT2_ACTIVATIONS
         and not getattr(cfg, "add_cross_attention", False)
         and not getattr(cfg, "reorder_and_upcast_attn", False)
-        and isinstance(t.ln_f, torch.nn.LayerNorm)
+        and type(t.ln_f) is nn.LayerNorm
+        and type(t.wte) is nn.Embedding
+        and type(t.wpe) is nn.Embedding
     )
     for blk in t.h:
         convs = (blk.attn.c_attn, blk.attn.c_proj, blk.mlp.c_fc, blk.mlp.c_proj)
-        ok = ok and all(c.weight.dim() == 2 and c.bias is not None for c in convs)
-        ok = ok and all(isinstance(n, torch.nn.LayerNorm) for n in (blk.ln_1, blk.ln_2))
+        ok = (
+            ok
+            and _named(blk, "GPT2Block")
+            and _named(blk.attn, "GPT2Attention")
+            and _named(blk.mlp, "GPT2MLP")
+        )
+        ok = ok and all(type(c) in _CONV1DS and c.bias is not None for c in convs)
+        ok = ok and type(blk.ln_1) is nn.LayerNorm and type(blk.ln_2) is nn.LayerNorm
         ok = ok and isinstance(blk.attn.scaling, float)
     return bool(ok)
 
 
 def supported(model) -> bool:
-    """Whether `fused_logits` may replace this model's forward: the architecture matches, the C
-    kernels are available and, once per model (cached on it), the logits agree with HF's.
-    `R1LAB_FUSED=0` in the environment keeps HF's forward for every model."""
-    if _dropout_active(model):  # this forward has no dropout: while it would drop, HF's runs
+    """Whether `fused_logits` may replace this model's forward here and now.
+
+    Checked on every call (cheap): the `R1LAB_FUSED=0` switch and `disable(model)`, autocast off or
+    bf16, no dropout that would be active, the structure (`_family`: classes, options, every
+    parameter fp32 on the CPU) and the C kernels. Once per structure (the check is cached on the
+    model with a signature of its module classes, so a model changed in place is checked again), the
+    logits are compared with HF's."""
+    if os.environ.get("R1LAB_FUSED", "1") == "0" or getattr(model, "_r1lab_fused_off", False):
         return False
-    cached = getattr(model, "_r1lab_fused_ok", None)
-    if cached is not None:
-        return cached
-    off = os.environ.get("R1LAB_FUSED", "1") == "0"  # an A/B switch: HF's forward everywhere
-    ok = not off and _family(model) is not None and train_kernels.available()
-    if ok:
-        ok = _agrees_with_hf(model)
-    model._r1lab_fused_ok = ok
-    return ok
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    try:
+        if _dropout_active(model) or _family(model) is None or not train_kernels.available():
+            return False
+    except AttributeError:  # not a Hugging Face causal LM of these families
+        return False
+    signature = tuple(type(m) for m in model.modules())
+    checked = getattr(model, "_r1lab_fused_checked", None)
+    if checked is None or checked[0] != signature:
+        checked = (signature, _agrees_with_hf(model))
+        model._r1lab_fused_checked = checked
+    return checked[1]
+
+
+def disable(model) -> None:
+    """Keep HF's forward for this model (A/B comparisons, tests)."""
+    model._r1lab_fused_off = True
 
 
 def _dropout_active(model) -> bool:
-    cfg = model.config
+    """Whether a forward in the model's current mode would drop anything (this one never does)."""
+    if not model.training:
+        return False
     names = ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
-    return model.training and any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in names)
+    if any(float(getattr(model.config, k, 0.0) or 0.0) > 0 for k in names):
+        return True
+    return any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules())
 
 
 def _agrees_with_hf(model) -> bool:
     """Two packed sequences (fp32, no grad, eval mode): fused logits against HF's on the same rows."""
     vocab = model.get_input_embeddings().num_embeddings
     rows = [[[(7 * k + 3) % vocab for k in range(6)], [(5 * k + 1) % vocab for k in range(4)]]]
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
@@ -135,7 +170,8 @@ def _agrees_with_hf(model) -> bool:
     except (RuntimeError, ValueError, TypeError, IndexError, AttributeError):
         return False
     finally:
-        model.train(was_training)
+        for m, mode in modes:  # each module's own mode back, not only the top one's
+            m.training = mode
 
 
 def _rope_tables(model, P: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,6 +268,10 @@ def fused_logits(model, rows: list[list[list[int]]]) -> tuple[torch.Tensor, torc
     Under bf16 autocast the matmuls and attention run in bf16 (logits bf16), as HF's forward would.
     Call only where `supported(model)`."""
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.float32
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"fused_logits: autocast to {dtype} is not supported (bf16 or none)")
+    if not any(s for row in rows for s in row):
+        raise ValueError("fused_logits: no tokens to score")
     layout = _Rows(rows, dtype)
     x = (
         _gpt2_body(model, layout, dtype)

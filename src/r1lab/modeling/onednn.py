@@ -106,9 +106,14 @@ def onednn_is_faster() -> bool:
     [1024, 256] x [1024, 256]^T layer), with the caller's thread count.
     """
     global _faster
-    if _faster is not None:
-        return _faster
-    _faster = False
+    if _faster is None:
+        # the first caller may be inside no_grad, inference_mode or autocast: the probe needs none
+        with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+            _faster = _probe()
+    return _faster
+
+
+def _probe() -> bool:
     if _mkldnn() is None:
         return False
     gen = torch.Generator().manual_seed(0)
@@ -133,8 +138,7 @@ def onednn_is_faster() -> bool:
     scale = float(ref[0].abs().max())
     if not all(torch.allclose(p, q, atol=1e-4 * scale, rtol=1e-4) for p, q in zip(got, ref, strict=True)):
         return False
-    _faster = got_s * 1.2 <= ref_s
-    return _faster
+    return got_s * 1.2 <= ref_s
 
 
 def use_onednn_linears(model: nn.Module) -> int:

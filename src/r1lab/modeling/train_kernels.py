@@ -75,6 +75,28 @@ def _ptr(x: torch.Tensor | None) -> int | None:
     return None if x is None else x.data_ptr()
 
 
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def _arg(fn: str, what: str, x, dtypes, shape: tuple) -> None:
+    """A clear error, before any pointer reaches C, unless x is a contiguous CPU tensor of one of
+    `dtypes` and of `shape` (None entries: any size)."""
+    ok = (
+        isinstance(x, torch.Tensor)
+        and x.device.type == "cpu"
+        and x.dtype in dtypes
+        and x.is_contiguous()
+        and x.dim() == len(shape)
+        and all(want is None or got == want for got, want in zip(x.shape, shape, strict=True))
+    )
+    if not ok:
+        got = f"{x.dtype} {tuple(x.shape)} on {x.device}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(
+            f"train_kernels.{fn}: {what} must be a contiguous CPU tensor of {'/'.join(map(str, dtypes))} "
+            f"and shape {tuple('*' if n is None else n for n in shape)}; got {got}"
+        )
+
+
 class _Norm(torch.autograd.Function):
     """RMSNorm (`b` None and not `layer_norm`) or LayerNorm of x [T, d] fp32 -> [T, d] `out_dtype`."""
 
@@ -195,24 +217,39 @@ class _RopeScatter(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """HF's RMSNorm `w * (x * rsqrt(mean(x^2) + eps))` of x [T, d] fp32 contiguous, in `out_dtype`."""
     _need()
+    _norm_args("rms_norm", x, w, None, out_dtype)
     return _Norm.apply(x, w, None, eps, False, out_dtype)
+
+
+def _norm_args(fn: str, x, w, b, out_dtype) -> None:
+    _arg(fn, "x", x, (torch.float32,), (None, None))
+    _arg(fn, "the weight", w, (torch.float32,), (x.shape[1],))
+    if b is not None:
+        _arg(fn, "the bias", b, (torch.float32,), (x.shape[1],))
+    if out_dtype not in _FLOATS:
+        raise ValueError(f"train_kernels.{fn}: out_dtype must be float32 or bfloat16, got {out_dtype}")
 
 
 def layer_norm(x, w, b, eps: float, out_dtype: torch.dtype) -> torch.Tensor:
     """`F.layer_norm(x, (d,), w, b, eps)` of x [T, d] fp32 contiguous (b may be None), in `out_dtype`."""
     _need()
+    _norm_args("layer_norm", x, w, b, out_dtype)
     return _Norm.apply(x, w, b, eps, True, out_dtype)
 
 
 def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU (`approximate="tanh"`) of a contiguous fp32 or bf16 tensor [T, F], in its dtype."""
     _need()
+    _arg("gelu_tanh", "u", u, _FLOATS, (None, None))
     return _GELU.apply(u)
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of gu [T, 2F] = [gate | up] (contiguous, fp32 or bf16): [T, F] in its dtype."""
     _need()
+    _arg("swiglu", "gu", gu, _FLOATS, (None, None))
+    if gu.shape[1] % 2:
+        raise ValueError(f"train_kernels.swiglu: gu must have an even number of columns, got {gu.shape[1]}")
     return _SwiGLU.apply(gu)
 
 
@@ -221,6 +258,19 @@ def rope_scatter(qkv, cos, sin, pos, slot, slots: int, heads: int, kv_heads: int
     by position pos[t] (cos/sin [P, D/2] fp32, HF's rotate_half convention; None: not rotated, for
     learned positions); other slots zero."""
     _need()
+    fn, T = "rope_scatter", qkv.shape[0] if isinstance(qkv, torch.Tensor) else 0
+    if head_dim % 2 or slots < 1:
+        raise ValueError(
+            f"train_kernels.{fn}: head_dim must be even and slots >= 1 (got {head_dim}, {slots})"
+        )
+    _arg(fn, "qkv", qkv, _FLOATS, (None, (heads + 2 * kv_heads) * head_dim))
+    if (cos is None) != (sin is None):
+        raise ValueError(f"train_kernels.{fn}: give both cos and sin tables, or neither")
+    if cos is not None:
+        _arg(fn, "cos", cos, (torch.float32,), (None, head_dim // 2))
+        _arg(fn, "sin", sin, (torch.float32,), tuple(cos.shape))
+    _arg(fn, "pos", pos, (torch.int64,), (T,))
+    _arg(fn, "slot", slot, (torch.int64,), (T,))
     return _RopeScatter.apply(qkv, cos, sin, pos, slot, slots, heads, kv_heads, head_dim)
 
 
