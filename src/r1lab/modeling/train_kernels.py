@@ -36,7 +36,7 @@ reason: str | None = None  # why the kernels are unavailable (None while untried
 
 def _load(path: Path):
     ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    rope = ([ptr, c_int, ptr, ptr, ptr, ptr, ptr, *[i64] * 6, c_int], c_int)
+    act = ([ptr, c_int, ptr, c_int, ptr, c_int, i64, i64, c_int], c_int)
     return cbuild.load(
         path,
         {
@@ -45,11 +45,9 @@ def _load(path: Path):
                 [ptr, ptr, ptr, ptr, c_int, ptr, c_int, ptr, ptr, ptr, i64, i64, c_int],
                 c_int,
             ),
-            "r1lab_gelu": ([ptr, c_int, ptr, c_int, ptr, c_int, i64, i64, c_int], c_int),
-            "r1lab_swiglu_fwd": ([ptr, c_int, ptr, c_int, i64, i64, c_int], c_int),
-            "r1lab_swiglu_bwd": ([ptr, c_int, ptr, c_int, ptr, c_int, i64, i64, c_int], c_int),
-            "r1lab_rope_scatter": rope,
-            "r1lab_rope_gather": rope,
+            "r1lab_gelu": act,
+            "r1lab_swiglu": act,
+            "r1lab_rope_move": ([ptr, c_int, ptr, ptr, ptr, ptr, ptr, c_int, *[i64] * 6, c_int], c_int),
         },
     )
 
@@ -131,15 +129,22 @@ class _Norm(torch.autograd.Function):
         return dx, dw.sum(0), (db.sum(0) if db is not None else None), None, None, None
 
 
-class _GELU(torch.autograd.Function):
+class _Activation(torch.autograd.Function):
+    """GELU-tanh (`kind` "gelu": [T, F] -> [T, F]) or SwiGLU ("swiglu": [T, 2F] -> [T, F]); the
+    output and the input's gradient in the input's dtype. One C function per kind does both ways."""
+
     @staticmethod
-    def forward(ctx, u):  # [T, F] -> [T, F], same dtype
-        out = torch.empty_like(u)
-        rc = _lib.r1lab_gelu(
-            u.data_ptr(), _half(u), None, 0, out.data_ptr(), _half(out), *u.shape, torch.get_num_threads()
+    def forward(ctx, u, kind: str):
+        T, width = u.shape
+        F = width if kind == "gelu" else width // 2
+        out = torch.empty(T, F, dtype=u.dtype)
+        fn = getattr(_lib, f"r1lab_{kind}")
+        _ok(
+            fn(u.data_ptr(), _half(u), None, 0, out.data_ptr(), _half(out), T, F, torch.get_num_threads()),
+            kind,
         )
-        _ok(rc, "gelu")
         ctx.save_for_backward(u)
+        ctx.kind, ctx.F = kind, F
         return out
 
     @staticmethod
@@ -147,38 +152,13 @@ class _GELU(torch.autograd.Function):
         (u,) = ctx.saved_tensors
         dy = _contig(dy)
         du = torch.empty_like(u)
-        rc = _lib.r1lab_gelu(
-            u.data_ptr(), _half(u), dy.data_ptr(), _half(dy), du.data_ptr(), _half(du), *u.shape,
+        fn = getattr(_lib, f"r1lab_{ctx.kind}")
+        rc = fn(
+            u.data_ptr(), _half(u), dy.data_ptr(), _half(dy), du.data_ptr(), _half(du), u.shape[0], ctx.F,
             torch.get_num_threads(),
         )  # fmt: skip
-        _ok(rc, "gelu backward")
-        return du
-
-
-class _SwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gu):  # [T, 2F] -> [T, F], same dtype
-        T, F2 = gu.shape
-        out = torch.empty(T, F2 // 2, dtype=gu.dtype)
-        rc = _lib.r1lab_swiglu_fwd(
-            gu.data_ptr(), _half(gu), out.data_ptr(), _half(out), T, F2 // 2, torch.get_num_threads()
-        )
-        _ok(rc, "swiglu")
-        ctx.save_for_backward(gu)
-        return out
-
-    @staticmethod
-    def backward(ctx, dy):
-        (gu,) = ctx.saved_tensors
-        T, F2 = gu.shape
-        dy = _contig(dy)
-        dgu = torch.empty_like(gu)
-        rc = _lib.r1lab_swiglu_bwd(
-            gu.data_ptr(), _half(gu), dy.data_ptr(), _half(dy), dgu.data_ptr(), _half(dgu), T, F2 // 2,
-            torch.get_num_threads(),
-        )  # fmt: skip
-        _ok(rc, "swiglu backward")
-        return dgu
+        _ok(rc, f"{ctx.kind} backward")
+        return du, None
 
 
 def _positions(cos: torch.Tensor | None, pos: torch.Tensor) -> int:
@@ -191,9 +171,9 @@ class _RopeScatter(torch.autograd.Function):
     def forward(ctx, qkv, cos, sin, pos, slot, S: int, H: int, Hkv: int, D: int):  # qkv [T, C] -> [S, C]
         T, C = qkv.shape
         out = qkv.new_zeros(S, C)
-        rc = _lib.r1lab_rope_scatter(
+        rc = _lib.r1lab_rope_move(
             qkv.data_ptr(), _half(qkv), _ptr(cos), _ptr(sin), pos.data_ptr(), slot.data_ptr(),
-            out.data_ptr(), T, S, _positions(cos, pos), H, Hkv, D, torch.get_num_threads(),
+            out.data_ptr(), 0, T, S, _positions(cos, pos), H, Hkv, D, torch.get_num_threads(),
         )  # fmt: skip
         _ok(rc, "rope_scatter")
         ctx.save_for_backward(cos, sin, pos, slot)
@@ -206,9 +186,9 @@ class _RopeScatter(torch.autograd.Function):
         T, S, H, Hkv, D, dtype = ctx.dims
         dout = _contig(dout).to(dtype)
         dqkv = torch.empty(T, dout.shape[1], dtype=dtype)
-        rc = _lib.r1lab_rope_gather(
+        rc = _lib.r1lab_rope_move(
             dout.data_ptr(), _half(dout), _ptr(cos), _ptr(sin), pos.data_ptr(), slot.data_ptr(),
-            dqkv.data_ptr(), T, S, _positions(cos, pos), H, Hkv, D, torch.get_num_threads(),
+            dqkv.data_ptr(), 1, T, S, _positions(cos, pos), H, Hkv, D, torch.get_num_threads(),
         )  # fmt: skip
         _ok(rc, "rope_scatter backward")
         return dqkv, None, None, None, None, None, None, None, None
@@ -241,7 +221,7 @@ def gelu_tanh(u: torch.Tensor) -> torch.Tensor:
     """GPT-2's GELU (`approximate="tanh"`) of a contiguous fp32 or bf16 tensor [T, F], in its dtype."""
     _need()
     _arg("gelu_tanh", "u", u, _FLOATS, (None, None))
-    return _GELU.apply(u)
+    return _Activation.apply(u, "gelu")
 
 
 def swiglu(gu: torch.Tensor) -> torch.Tensor:
@@ -250,7 +230,7 @@ def swiglu(gu: torch.Tensor) -> torch.Tensor:
     _arg("swiglu", "gu", gu, _FLOATS, (None, None))
     if gu.shape[1] % 2:
         raise ValueError(f"train_kernels.swiglu: gu must have an even number of columns, got {gu.shape[1]}")
-    return _SwiGLU.apply(gu)
+    return _Activation.apply(gu, "swiglu")
 
 
 def rope_scatter(qkv, cos, sin, pos, slot, slots: int, heads: int, kv_heads: int, head_dim: int):

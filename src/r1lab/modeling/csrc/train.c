@@ -8,12 +8,11 @@
  *   r1lab_norm_fwd   RMSNorm (HF's order of operations) or LayerNorm; out fp32 or bf16
  *   r1lab_norm_bwd   dx and per-thread partial sums of dw (and db), from x, w, the saved statistics
  *                    and dy (fp32 or bf16)
- *   r1lab_swiglu_fwd out = silu(gate) * up from the fused [gate | up] projection
- *   r1lab_swiglu_bwd d[gate | up] from [gate | up] and d out
+ *   r1lab_swiglu     silu(gate) * up from the fused [gate | up] projection, forward or backward
  *   r1lab_gelu       GPT-2's tanh GELU, forward or backward
- *   r1lab_rope_scatter   RoPE of the q and k heads of each token's fused q|k|v projection, the
- *                    row copied to slot[t] of the attention layout (rows of packed sequences)
- *   r1lab_rope_gather    its backward: row slot[t] gathered back and rotated by -angle
+ *   r1lab_rope_move  RoPE of the q and k heads of each token's fused q|k|v projection, the row
+ *                    copied to slot[t] of the attention layout (rows of packed sequences); or its
+ *                    backward: row slot[t] gathered back and rotated by -angle
  *
  * Arithmetic is fp32 whatever the dtype of the tensors read or written (bf16 rows are widened into a
  * per-thread fp32 buffer); bf16 is rounded to nearest even, as torch's `.to(torch.bfloat16)`.
@@ -129,34 +128,11 @@ int r1lab_norm_bwd(const float *x, const float *w, const float *mean, const floa
     return failed ? -1 : 0;
 }
 
-/* gu [T, 2F] = [gate | up] -> out [T, F] = silu(gate) * up; each fp32 or bf16. */
-int r1lab_swiglu_fwd(const void *gu, int in_bf16, void *out, int out_bf16, int64_t T, int64_t F, int threads) {
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if (T * F >= 32768)
-    {
-        float *buf = malloc((size_t)(3 * F) * sizeof(float));
-        if (!buf) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) {
-            if (!buf) continue;
-            float *restrict g = buf, *restrict o = buf + 2 * F;
-            get_row(gu, in_bf16, t, 2 * F, g);
-            #pragma omp simd
-            for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * g[F + i];
-            put_row(out, out_bf16, t, F, o);
-        }
-        free(buf);
-    }
-    return failed ? -1 : 0;
-}
-
-/* The backward of r1lab_swiglu_fwd: dgu [T, 2F] = [dy * up * s * (1 + gate * (1 - s)) | dy * silu(gate)]
- * with s = sigmoid(gate). gu and dy fp32 or bf16, dgu fp32 or bf16. */
-int r1lab_swiglu_bwd(const void *gu, int in_bf16, const void *dy, int dy_bf16, void *dgu, int out_bf16, int64_t T,
-                     int64_t F, int threads) {
+/* gu [T, 2F] = [gate | up] -> out [T, F] = silu(gate) * up (dy NULL), or its backward (dy [T, F]
+ * given): out [T, 2F] = [dy * up * s * (1 + gate * (1 - s)) | dy * silu(gate)], s = sigmoid(gate).
+ * Each tensor fp32 or bf16. */
+int r1lab_swiglu(const void *gu, int in_bf16, const void *dy, int dy_bf16, void *out, int out_bf16, int64_t T,
+                 int64_t F, int threads) {
     int failed = 0;
     #pragma omp parallel num_threads(threads) if (T * F >= 32768)
     {
@@ -168,16 +144,22 @@ int r1lab_swiglu_bwd(const void *gu, int in_bf16, const void *dy, int dy_bf16, v
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
             if (!buf) continue;
-            float *restrict g = buf, *restrict dyr = buf + 2 * F, *restrict dg = buf + 3 * F;
+            float *restrict g = buf, *restrict dyr = buf + 2 * F, *restrict o = buf + 3 * F;
             get_row(gu, in_bf16, t, 2 * F, g);
-            get_row(dy, dy_bf16, t, F, dyr);
-            #pragma omp simd
-            for (int64_t i = 0; i < F; ++i) {
-                const float s = 1.0f / (1.0f + fast_expf(-g[i]));
-                dg[i] = dyr[i] * g[F + i] * s * (1.0f + g[i] * (1.0f - s));
-                dg[F + i] = dyr[i] * g[i] * s;
+            if (dy) {
+                get_row(dy, dy_bf16, t, F, dyr);
+                #pragma omp simd
+                for (int64_t i = 0; i < F; ++i) {
+                    const float s = 1.0f / (1.0f + fast_expf(-g[i]));
+                    o[i] = dyr[i] * g[F + i] * s * (1.0f + g[i] * (1.0f - s));
+                    o[F + i] = dyr[i] * g[i] * s;
+                }
+                put_row(out, out_bf16, t, 2 * F, o);
+            } else {
+                #pragma omp simd
+                for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * g[F + i];
+                put_row(out, out_bf16, t, F, o);
             }
-            put_row(dgu, out_bf16, t, 2 * F, dg);
         }
         free(buf);
     }
@@ -246,11 +228,12 @@ static inline void rotate_heads(float *restrict x, int64_t nrot, int64_t D, cons
 /* src [T, C] (C = (H + 2 Hkv) D, the fused q|k|v projection; fp32 or bf16) -> dst [S, C] (same
  * dtype, rows not in slot untouched): dst[slot[t]] = src[t] with its H + Hkv q and k heads rotated
  * by position pos[t] (cos/sin tables [P, D/2] fp32, row p = angle p; NULL: no rotation, a plain
- * scatter, for models with learned positions). Returns -1 when out of memory,
- * -2 when a position or slot is out of range (nothing written then). */
-int r1lab_rope_scatter(const void *src, int bf16, const float *cos_t, const float *sin_t, const int64_t *pos,
-                       const int64_t *slot, void *dst, int64_t T, int64_t S, int64_t P, int64_t H, int64_t Hkv,
-                       int64_t D, int threads) {
+ * scatter, for models with learned positions). inverse = 1 is its backward, from [S, C] to [T, C]:
+ * dst[t] = src[slot[t]] rotated by -angle (the transpose). Returns -1 when out of memory, -2 when a
+ * position or slot is out of range (nothing written then). */
+int r1lab_rope_move(const void *src, int bf16, const float *cos_t, const float *sin_t, const int64_t *pos,
+                    const int64_t *slot, void *dst, int inverse, int64_t T, int64_t S, int64_t P, int64_t H,
+                    int64_t Hkv, int64_t D, int threads) {
     for (int64_t t = 0; t < T; ++t)
         if (pos[t] < 0 || pos[t] >= P || slot[t] < 0 || slot[t] >= S) return -2;
     const int64_t C = (H + 2 * Hkv) * D, half = D / 2;
@@ -265,36 +248,10 @@ int r1lab_rope_scatter(const void *src, int bf16, const float *cos_t, const floa
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < T; ++t) {
             if (!buf) continue;
-            get_row(src, bf16, t, C, buf);
-            if (cos_t) rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, 1.0f);
-            put_row(dst, bf16, slot[t], C, buf);
-        }
-        free(buf);
-    }
-    return failed ? -1 : 0;
-}
-
-/* The backward of r1lab_rope_scatter: dsrc[t] = dst[slot[t]] with its q and k heads rotated back. */
-int r1lab_rope_gather(const void *ddst, int bf16, const float *cos_t, const float *sin_t, const int64_t *pos,
-                      const int64_t *slot, void *dsrc, int64_t T, int64_t S, int64_t P, int64_t H, int64_t Hkv,
-                      int64_t D, int threads) {
-    for (int64_t t = 0; t < T; ++t)
-        if (pos[t] < 0 || pos[t] >= P || slot[t] < 0 || slot[t] >= S) return -2;
-    const int64_t C = (H + 2 * Hkv) * D, half = D / 2;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if (T * C >= 32768)
-    {
-        float *buf = malloc((size_t)C * sizeof(float));
-        if (!buf) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) {
-            if (!buf) continue;
-            get_row(ddst, bf16, slot[t], C, buf);
-            if (cos_t) rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, -1.0f);
-            put_row(dsrc, bf16, t, C, buf);
+            get_row(src, bf16, inverse ? slot[t] : t, C, buf);
+            if (cos_t)
+                rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, inverse ? -1.0f : 1.0f);
+            put_row(dst, bf16, inverse ? t : slot[t], C, buf);
         }
         free(buf);
     }
