@@ -37,47 +37,57 @@ static inline void put_row(void *dst, int bf16, int64_t i, int64_t cols, const f
     else memcpy((float *)dst + i * cols, buf, (size_t)cols * sizeof(float));
 }
 
+/* The loop every kernel here runs: BODY for each row t in [0, T), rows split over `threads` OpenMP
+ * threads (one thread when `par` is false: too little work), each thread with an fp32 scratch
+ * buffer `buf` of n floats; the function then returns 0, or -1 when a buffer could not be allocated
+ * (its rows are skipped). */
+#define FOR_ROWS(T, n, par, ...)                                                 \
+    int failed = 0;                                                              \
+    const int parallel = (par);                                                  \
+    _Pragma("omp parallel num_threads(threads) if (parallel)")                   \
+    {                                                                            \
+        float *buf = malloc((size_t)(n) * sizeof(float));                        \
+        if (!buf) {                                                              \
+            _Pragma("omp atomic write")                                          \
+            failed = 1;                                                          \
+        }                                                                        \
+        _Pragma("omp for schedule(static)")                                      \
+        for (int64_t t = 0; t < (T); ++t) {                                      \
+            if (!buf) continue;                                                  \
+            __VA_ARGS__                                                          \
+        }                                                                        \
+        free(buf);                                                               \
+    }                                                                            \
+    return failed ? -1 : 0
+
 /* x [T, d] fp32 -> out [T, d] (fp32 or bf16). RMSNorm (layer_norm 0): out = w * (x * rstd),
  * rstd = 1 / sqrt(mean(x^2) + eps), HF's order of operations. LayerNorm (layer_norm 1): out =
  * (x - mean) * rstd * w + b (biased variance; b may be NULL), mean [T] written too. Returns -1 when a
  * thread could not allocate its buffer. */
 int r1lab_norm_fwd(const float *x, const float *w, const float *b, float eps, int layer_norm, void *out,
                    int out_bf16, float *mean, float *rstd, int64_t T, int64_t d, int threads) {
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if (T * d >= 32768)
-    {
-        float *buf = malloc((size_t)d * sizeof(float));
-        if (!buf) {
-            #pragma omp atomic write
-            failed = 1;
+    FOR_ROWS(T, d, T * d >= 32768, {
+        const float *restrict xr = x + t * d;
+        float mu = 0.f, ss = 0.f;
+        if (layer_norm) {
+            _Pragma("omp simd reduction(+ : mu)")
+            for (int64_t i = 0; i < d; ++i) mu += xr[i];
+            mu /= (float)d;
+            mean[t] = mu;
         }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) {
-            if (!buf) continue;
-            const float *restrict xr = x + t * d;
-            float mu = 0.f, ss = 0.f;
-            if (layer_norm) {
-                #pragma omp simd reduction(+ : mu)
-                for (int64_t i = 0; i < d; ++i) mu += xr[i];
-                mu /= (float)d;
-                mean[t] = mu;
-            }
-            #pragma omp simd reduction(+ : ss)
-            for (int64_t i = 0; i < d; ++i) ss += (xr[i] - mu) * (xr[i] - mu);
-            const float r = 1.0f / sqrtf(ss / (float)d + eps);
-            rstd[t] = r;
-            if (layer_norm) {
-                #pragma omp simd
-                for (int64_t i = 0; i < d; ++i) buf[i] = (xr[i] - mu) * r * w[i] + (b ? b[i] : 0.f);
-            } else {
-                #pragma omp simd
-                for (int64_t i = 0; i < d; ++i) buf[i] = w[i] * (xr[i] * r);
-            }
-            put_row(out, out_bf16, t, d, buf);
+        _Pragma("omp simd reduction(+ : ss)")
+        for (int64_t i = 0; i < d; ++i) ss += (xr[i] - mu) * (xr[i] - mu);
+        const float r = 1.0f / sqrtf(ss / (float)d + eps);
+        rstd[t] = r;
+        if (layer_norm) {
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < d; ++i) buf[i] = (xr[i] - mu) * r * w[i] + (b ? b[i] : 0.f);
+        } else {
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < d; ++i) buf[i] = w[i] * (xr[i] * r);
         }
-        free(buf);
-    }
-    return failed ? -1 : 0;
+        put_row(out, out_bf16, t, d, buf);
+    });
 }
 
 /* The backward of r1lab_norm_fwd, with xhat = (x - mean) * rstd (mean 0 for RMSNorm) and g = dy * w:
@@ -87,45 +97,32 @@ int r1lab_norm_fwd(const float *x, const float *w, const float *b, float eps, in
 int r1lab_norm_bwd(const float *x, const float *w, const float *mean, const float *rstd, int layer_norm,
                    const void *dy, int dy_bf16, float *dx, float *dw_part, float *db_part, int64_t T, int64_t d,
                    int threads) {
-    int failed = 0;
     memset(dw_part, 0, (size_t)threads * (size_t)d * sizeof(float));
     if (db_part) memset(db_part, 0, (size_t)threads * (size_t)d * sizeof(float));
-    #pragma omp parallel num_threads(threads)
-    {
-        float *buf = malloc((size_t)d * sizeof(float));
+    FOR_ROWS(T, d, 1, {
         const int64_t tid = omp_get_thread_num();
         float *restrict dw = dw_part + tid * d;
         float *restrict db = db_part ? db_part + tid * d : NULL;
-        if (!buf) {
-            #pragma omp atomic write
-            failed = 1;
+        const float *restrict xr = x + t * d;
+        float *restrict dxr = dx + t * d;
+        const float r = rstd[t], mu = layer_norm ? mean[t] : 0.f;
+        get_row(dy, dy_bf16, t, d, buf);
+        float dot = 0.f, gsum = 0.f;
+        _Pragma("omp simd reduction(+ : dot, gsum)")
+        for (int64_t i = 0; i < d; ++i) {
+            const float xh = (xr[i] - mu) * r, g = buf[i] * w[i];
+            dot += g * xh;
+            gsum += g;
+            dw[i] += buf[i] * xh;
         }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) {
-            if (!buf) continue;
-            const float *restrict xr = x + t * d;
-            float *restrict dxr = dx + t * d;
-            const float r = rstd[t], mu = layer_norm ? mean[t] : 0.f;
-            get_row(dy, dy_bf16, t, d, buf);
-            float dot = 0.f, gsum = 0.f;
-            #pragma omp simd reduction(+ : dot, gsum)
-            for (int64_t i = 0; i < d; ++i) {
-                const float xh = (xr[i] - mu) * r, g = buf[i] * w[i];
-                dot += g * xh;
-                gsum += g;
-                dw[i] += buf[i] * xh;
-            }
-            if (db) {
-                #pragma omp simd
-                for (int64_t i = 0; i < d; ++i) db[i] += buf[i];
-            }
-            const float c = dot / (float)d, m = layer_norm ? gsum / (float)d : 0.f;
-            #pragma omp simd
-            for (int64_t i = 0; i < d; ++i) dxr[i] = r * (buf[i] * w[i] - m - (xr[i] - mu) * r * c);
+        if (db) {
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < d; ++i) db[i] += buf[i];
         }
-        free(buf);
-    }
-    return failed ? -1 : 0;
+        const float c = dot / (float)d, m = layer_norm ? gsum / (float)d : 0.f;
+        _Pragma("omp simd")
+        for (int64_t i = 0; i < d; ++i) dxr[i] = r * (buf[i] * w[i] - m - (xr[i] - mu) * r * c);
+    });
 }
 
 /* gu [T, 2F] = [gate | up] -> out [T, F] = silu(gate) * up (dy NULL), or its backward (dy [T, F]
@@ -133,37 +130,24 @@ int r1lab_norm_bwd(const float *x, const float *w, const float *mean, const floa
  * Each tensor fp32 or bf16. */
 int r1lab_swiglu(const void *gu, int in_bf16, const void *dy, int dy_bf16, void *out, int out_bf16, int64_t T,
                  int64_t F, int threads) {
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if (T * F >= 32768)
-    {
-        float *buf = malloc((size_t)(5 * F) * sizeof(float));
-        if (!buf) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) {
-            if (!buf) continue;
-            float *restrict g = buf, *restrict dyr = buf + 2 * F, *restrict o = buf + 3 * F;
-            get_row(gu, in_bf16, t, 2 * F, g);
-            if (dy) {
-                get_row(dy, dy_bf16, t, F, dyr);
-                #pragma omp simd
-                for (int64_t i = 0; i < F; ++i) {
-                    const float s = 1.0f / (1.0f + fast_expf(-g[i]));
-                    o[i] = dyr[i] * g[F + i] * s * (1.0f + g[i] * (1.0f - s));
-                    o[F + i] = dyr[i] * g[i] * s;
-                }
-                put_row(out, out_bf16, t, 2 * F, o);
-            } else {
-                #pragma omp simd
-                for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * g[F + i];
-                put_row(out, out_bf16, t, F, o);
+    FOR_ROWS(T, 5 * F, T * F >= 32768, {
+        float *restrict g = buf, *restrict dyr = buf + 2 * F, *restrict o = buf + 3 * F;
+        get_row(gu, in_bf16, t, 2 * F, g);
+        if (dy) {
+            get_row(dy, dy_bf16, t, F, dyr);
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < F; ++i) {
+                const float s = 1.0f / (1.0f + fast_expf(-g[i]));
+                o[i] = dyr[i] * g[F + i] * s * (1.0f + g[i] * (1.0f - s));
+                o[F + i] = dyr[i] * g[i] * s;
             }
+            put_row(out, out_bf16, t, 2 * F, o);
+        } else {
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < F; ++i) o[i] = g[i] / (1.0f + fast_expf(-g[i])) * g[F + i];
+            put_row(out, out_bf16, t, F, o);
         }
-        free(buf);
-    }
-    return failed ? -1 : 0;
+    });
 }
 
 /* GPT-2's GELU, 0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi), with tanh(y) = 1 - 2/(e^{2y}+1);
@@ -181,32 +165,19 @@ static inline __attribute__((always_inline)) float gelu_grad1(float x) {
  * each tensor fp32 or bf16. */
 int r1lab_gelu(const void *u, int in_bf16, const void *dy, int dy_bf16, void *out, int out_bf16, int64_t T,
                int64_t F, int threads) {
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if (T * F >= 32768)
-    {
-        float *buf = malloc((size_t)(2 * F) * sizeof(float));
-        if (!buf) {
-            #pragma omp atomic write
-            failed = 1;
+    FOR_ROWS(T, 2 * F, T * F >= 32768, {
+        float *restrict x = buf, *restrict g = buf + F;
+        get_row(u, in_bf16, t, F, x);
+        if (dy) {
+            get_row(dy, dy_bf16, t, F, g);
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < F; ++i) x[i] = g[i] * gelu_grad1(x[i]);
+        } else {
+            _Pragma("omp simd")
+            for (int64_t i = 0; i < F; ++i) x[i] = gelu1(x[i]);
         }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) {
-            if (!buf) continue;
-            float *restrict x = buf, *restrict g = buf + F;
-            get_row(u, in_bf16, t, F, x);
-            if (dy) {
-                get_row(dy, dy_bf16, t, F, g);
-                #pragma omp simd
-                for (int64_t i = 0; i < F; ++i) x[i] = g[i] * gelu_grad1(x[i]);
-            } else {
-                #pragma omp simd
-                for (int64_t i = 0; i < F; ++i) x[i] = gelu1(x[i]);
-            }
-            put_row(out, out_bf16, t, F, x);
-        }
-        free(buf);
-    }
-    return failed ? -1 : 0;
+        put_row(out, out_bf16, t, F, x);
+    });
 }
 
 /* Rotate the first nrot heads (of D each) of row x in place by the angle's cos c and sin s [D/2]
@@ -237,23 +208,10 @@ int r1lab_rope_move(const void *src, int bf16, const float *cos_t, const float *
     for (int64_t t = 0; t < T; ++t)
         if (pos[t] < 0 || pos[t] >= P || slot[t] < 0 || slot[t] >= S) return -2;
     const int64_t C = (H + 2 * Hkv) * D, half = D / 2;
-    int failed = 0;
-    #pragma omp parallel num_threads(threads) if (T * C >= 32768)
-    {
-        float *buf = malloc((size_t)C * sizeof(float));
-        if (!buf) {
-            #pragma omp atomic write
-            failed = 1;
-        }
-        #pragma omp for schedule(static)
-        for (int64_t t = 0; t < T; ++t) {
-            if (!buf) continue;
-            get_row(src, bf16, inverse ? slot[t] : t, C, buf);
-            if (cos_t)
-                rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, inverse ? -1.0f : 1.0f);
-            put_row(dst, bf16, inverse ? t : slot[t], C, buf);
-        }
-        free(buf);
-    }
-    return failed ? -1 : 0;
+    FOR_ROWS(T, C, T * C >= 32768, {
+        get_row(src, bf16, inverse ? slot[t] : t, C, buf);
+        if (cos_t)
+            rotate_heads(buf, H + Hkv, D, cos_t + pos[t] * half, sin_t + pos[t] * half, inverse ? -1.0f : 1.0f);
+        put_row(dst, bf16, inverse ? t : slot[t], C, buf);
+    });
 }
