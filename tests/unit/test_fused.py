@@ -332,3 +332,19 @@ def test_the_kernels_probe_passes_when_first_asked_under_no_grad(monkeypatch):
     monkeypatch.setattr(train_kernels, "_lib", None)
     with torch.inference_mode():
         assert train_kernels.available(), train_kernels.reason
+
+
+def test_without_a_compiler_training_falls_back_to_hf_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setenv("R1LAB_CACHE", str(tmp_path))  # no library built before
+    monkeypatch.setattr(train_kernels, "_tried", False)
+    monkeypatch.setattr(train_kernels, "_lib", None)
+    with pytest.warns(RuntimeWarning, match="Hugging Face's forward"):
+        assert not train_kernels.available()
+    assert "could not build" in train_kernels.reason
+    model = build_model("qwen2-4m", TOK, seed=0)
+    assert not fused.supported(model)
+    seqs = ragged(5, seed=0)
+    got = packed_token_logprobs(model, seqs, row_len=40)[0]  # HF's forward, the same numbers
+    monkeypatch.undo()
+    torch.testing.assert_close(got, packed_token_logprobs(model, seqs, row_len=40)[0], atol=1e-5, rtol=1e-5)

@@ -19,6 +19,7 @@ import ctypes
 import os
 import subprocess
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -344,6 +345,12 @@ def _get():
                 reason, _lib = f"could not build the training kernels: {e}", None
             except Exception as e:  # a probe that fails in any other way: fall back, never crash
                 reason, _lib = f"the training kernels failed their probe: {type(e).__name__}: {e}", None
+            if _lib is None:  # said once per process: training still works, only slower
+                warnings.warn(
+                    f"r1lab: {reason}; training runs Hugging Face's forward (~1.3x slower updates on CPU)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
     return _lib
 
 
