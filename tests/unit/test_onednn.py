@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -81,3 +82,50 @@ def test_the_probe_answers_once_and_checks_the_results(monkeypatch):
     monkeypatch.setattr(onednn, "_faster", None)
     monkeypatch.setattr(onednn, "_mm", lambda x2, w, b=None: torch.zeros(x2.shape[0], w.shape[0]))
     assert onednn.onednn_is_faster() is False  # wrong numbers are never used, however fast
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_packed_linear_equals_linear_values_and_gradients(dtype, transposed):
+    """Two weights concatenated (q|k|v style) with biases, or one GPT-2 style [in, out] weight."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(8, 12)] if transposed else [(6, 12), (10, 12)]
+    ws = [torch.randn(*s, generator=gen, requires_grad=True) for s in shapes]
+    bs = [torch.randn(s[1] if transposed else s[0], generator=gen, requires_grad=True) for s in shapes]
+    x = torch.randn(5, 12 if not transposed else 8, generator=gen).to(dtype).requires_grad_()
+    g = torch.randn(5, sum(s[1] if transposed else s[0] for s in shapes), generator=gen)
+    owner = nn.Module()
+    got = onednn.packed_linear(x, owner, "w", ws, bs, transposed=transposed)
+    got.float().backward(g)
+    grads = [t.grad.clone() for t in (x, *ws, *bs)]
+    for t in (x, *ws, *bs):
+        t.grad = None
+    w = torch.cat([p.t() if transposed else p for p in ws])
+    want = F.linear(x.float(), w, torch.cat(bs)).to(dtype)
+    want.float().backward(g)
+    tol = dict(atol=5e-2, rtol=5e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    for a, t in zip(grads, (x, *ws, *bs), strict=True):
+        torch.testing.assert_close(a.float(), t.grad.float(), **tol)
+
+
+@needs_onednn
+def test_packs_are_reused_only_inside_fixed_weights():
+    """Fused AdamW updates weights without bumping their version: outside a `fixed_weights` block
+    every call packs afresh, inside one the pack is made once; a module with packs deep-copies."""
+    w = nn.Parameter(torch.randn(4, 3))
+    owner, x = nn.Module(), torch.randn(2, 3)
+    opt = torch.optim.AdamW([w], lr=0.5, fused=True)
+    before = onednn.packed_linear(x, owner, "w", [w])
+    w.grad = torch.ones_like(w)
+    opt.step()  # in place, version counter unchanged
+    torch.testing.assert_close(onednn.packed_linear(x, owner, "w", [w]), x @ w.detach().t())
+    assert not torch.allclose(before, x @ w.detach().t())
+    with onednn.fixed_weights():
+        onednn.packed_linear(x, owner, "w", [w])
+        first = owner._r1lab_packs["w"]
+        onednn.packed_linear(x, owner, "w", [w])
+        assert owner._r1lab_packs["w"] is first
+        copy.deepcopy(owner)  # oneDNN's packed tensors are not copied
+    assert not owner._r1lab_packs  # dropped when the block ends

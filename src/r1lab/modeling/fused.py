@@ -7,8 +7,9 @@ computes the same function from the same parameters (gradients land in the model
 
 * the sequences of a micro-batch are one flat stream of tokens `[T, d]`, with no padding: every
   matmul and elementwise op runs on real tokens only;
-* q|k|v and gate|up are one matmul each (the weights concatenated, and cast to bf16 once under
-  autocast; GPT-2's are one already), each norm written by its kernel in the matmul's dtype;
+* q|k|v and gate|up are one matmul each (GPT-2's are one already), each norm written by its kernel
+  in the matmul's dtype; every matmul runs on oneDNN-packed copies of its weight (`onednn.packed_linear`:
+  cast, concatenated and packed once per optimiser step, for the forward and the input gradient);
 * RMSNorm, LayerNorm, RoPE, SwiGLU and GELU run as the C kernels of `train_kernels` (one pass
   forward, one back);
 * only attention goes back to rows: RoPE writes q, k and v into rows of packed sequences (as
@@ -201,15 +202,6 @@ def _layout(rows: list[list[list[int]]]):
     return torch.tensor(ids), torch.tensor(pos), torch.tensor(slot), mask, W
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """x [T, in] @ w.T + b in `dtype` (bf16: the weights cast once; fp32: oneDNN where it wins)."""
-    if dtype == torch.float32:
-        if onednn.onednn_is_faster():
-            return onednn._linear(x, w, b)
-        return F.linear(x, w, b)
-    return F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))
-
-
 def _attention(q, k, v, mask, scale: float) -> torch.Tensor:
     """Attention of q [R, H, W, D] over k, v [R, Hkv, W, D] under the additive mask [R, 1, W, W].
 
@@ -234,9 +226,9 @@ def _embed(ids: torch.Tensor, table: torch.nn.Embedding) -> torch.Tensor:
     return F.embedding(ids, table.weight, padding_idx=table.padding_idx)
 
 
-def _cat(*ps):
-    ps = [p for p in ps if p is not None]
-    return torch.cat(ps) if len(ps) > 1 else (ps[0] if ps else None)
+def _conv1d(x: torch.Tensor, conv) -> torch.Tensor:
+    """GPT-2's Conv1D (weight [in, out]): a linear layer of weight.T."""
+    return onednn.packed_linear(x, conv, "w", [conv.weight], [conv.bias], transposed=True)
 
 
 class _Rows:
@@ -278,7 +270,7 @@ def fused_logits(model, rows: list[list[list[int]]]) -> tuple[torch.Tensor, torc
         if model.config.model_type == "gpt2"
         else _llama_body(model, layout, dtype)
     )
-    return _linear(x, model.lm_head.weight, None, dtype), layout.ids  # [T, V], [T]
+    return onednn.packed_linear(x, model.lm_head, "w", [model.lm_head.weight]), layout.ids  # [T, V], [T]
 
 
 def _llama_body(model, rows: _Rows, dtype: torch.dtype) -> torch.Tensor:
@@ -292,13 +284,14 @@ def _llama_body(model, rows: _Rows, dtype: torch.dtype) -> torch.Tensor:
         a, mlp = layer.self_attn, layer.mlp
         n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
         x = train_kernels.rms_norm(h, n1.weight, n1.variance_epsilon, dtype)  # [T, d]
-        w_qkv = _cat(a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)
-        b_qkv = _cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias)
-        o = rows.attend(_linear(x, w_qkv, b_qkv, dtype), tables, H, Hkv, D, a.scaling)  # [T, H D]
-        h = h + _linear(o, a.o_proj.weight, None, dtype)
+        qkv = (a.q_proj, a.k_proj, a.v_proj)
+        biases = [p.bias for p in qkv] if a.q_proj.bias is not None else []
+        qkv = onednn.packed_linear(x, a, "qkv", [p.weight for p in qkv], biases)  # [T, (H + 2 Hkv) D]
+        o = rows.attend(qkv, tables, H, Hkv, D, a.scaling)  # [T, H D]
+        h = h + onednn.packed_linear(o, a, "o", [a.o_proj.weight])
         x = train_kernels.rms_norm(h, n2.weight, n2.variance_epsilon, dtype)
-        gu = _linear(x, _cat(mlp.gate_proj.weight, mlp.up_proj.weight), None, dtype)  # [T, 2F]
-        h = h + _linear(train_kernels.swiglu(gu), mlp.down_proj.weight, None, dtype)
+        gu = onednn.packed_linear(x, mlp, "gate_up", [mlp.gate_proj.weight, mlp.up_proj.weight])  # [T, 2F]
+        h = h + onednn.packed_linear(train_kernels.swiglu(gu), mlp, "down", [mlp.down_proj.weight])
     return train_kernels.rms_norm(h, m.norm.weight, m.norm.variance_epsilon, dtype)
 
 
@@ -310,9 +303,8 @@ def _gpt2_body(model, rows: _Rows, dtype: torch.dtype) -> torch.Tensor:
     for blk in t.h:
         a, mlp = blk.attn, blk.mlp
         x = train_kernels.layer_norm(h, blk.ln_1.weight, blk.ln_1.bias, blk.ln_1.eps, dtype)
-        o = rows.attend(_linear(x, a.c_attn.weight.t(), a.c_attn.bias, dtype), None, H, H, D, a.scaling)
-        h = h + _linear(o, a.c_proj.weight.t(), a.c_proj.bias, dtype)
+        o = rows.attend(_conv1d(x, a.c_attn), None, H, H, D, a.scaling)
+        h = h + _conv1d(o, a.c_proj)
         x = train_kernels.layer_norm(h, blk.ln_2.weight, blk.ln_2.bias, blk.ln_2.eps, dtype)
-        u = train_kernels.gelu_tanh(_linear(x, mlp.c_fc.weight.t(), mlp.c_fc.bias, dtype))  # [T, F]
-        h = h + _linear(u, mlp.c_proj.weight.t(), mlp.c_proj.bias, dtype)
+        h = h + _conv1d(train_kernels.gelu_tanh(_conv1d(x, mlp.c_fc)), mlp.c_proj)  # GELU on [T, F]
     return train_kernels.layer_norm(h, t.ln_f.weight, t.ln_f.bias, t.ln_f.eps, dtype)

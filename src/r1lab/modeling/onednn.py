@@ -16,11 +16,20 @@ EPYC): the fp32 GRPO update 1.5x faster at qwen2-4m (0.66 -> 0.43 s) and 1.6x at
 (4.10 -> 2.58 s), with the same parameters to fp32 rounding.
 
     n = use_onednn_linears(model)   # number of layers switched (0 where oneDNN does not win)
+
+`packed_linear` is the GEMM of r1lab's own training forward (`fused.py`), fp32 or bf16: the weights
+are cast, concatenated (q|k|v, gate|up) and packed by oneDNN once per `fixed_weights` block (the
+micro-batches between two optimiser steps), for the forward and for the input gradient. Packed,
+oneDNN's GEMM runs 12-15% (bf16) and 25-35% (fp32) faster than on plain weights at training shapes
+(e.g. [1798, 512] x [512, 4608]: 910-990 vs 590-720 GFLOP/s in bf16, AVX-512 EPYC, 2 threads),
+and packing the 34M model's weights both ways costs ~28 ms (bf16). The weight gradient multiplies two
+activations and runs unpacked.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -155,3 +164,123 @@ def use_onednn_linears(model: nn.Module) -> int:
             m.__class__ = swap
             n += 1
     return n
+
+
+# ---- linear layers on oneDNN-packed weights, for r1lab's own training forward (fused.py) ----
+
+
+class _Packs:
+    """A weight W [out, in] in the matmul dtype, packed by oneDNN for `x @ W.T` (the forward) and,
+    made at the first backward, W.T packed for `g @ W` (the input gradient). Valid for one version
+    of the parameters it was made from (`key`)."""
+
+    def __init__(self, key: tuple, w: torch.Tensor, rows: int):
+        self.key, self.w, self.rows = key, w, rows
+        self.fwd = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        self._bwd: torch.Tensor | None = None
+
+    @property
+    def bwd(self) -> torch.Tensor:
+        if self._bwd is None:
+            self._bwd = torch.ops.mkldnn._reorder_linear_weight(self.w.t().contiguous(), self.rows)
+        return self._bwd
+
+
+class _PackCache(dict):
+    """A module's packs by name. Never copied or pickled (oneDNN's packed tensors have no storage to
+    copy, and a copy's parameters are other tensors anyway): a deep copy or unpickled module starts
+    with an empty cache."""
+
+    def __deepcopy__(self, memo):
+        return _PackCache()
+
+    def __reduce__(self):
+        return (_PackCache, ())
+
+
+_live: list[_PackCache] | None = None  # the caches filled inside the current `fixed_weights` block
+
+
+@contextmanager
+def fixed_weights():
+    """A block in which no parameter changes (the micro-batches between two optimiser steps, a
+    no-grad scoring pass): `packed_linear` packs each weight once in it and reuses the pack; outside
+    one, every call packs afresh. (Parameters' version counters cannot tell: fused AdamW updates
+    weights in place without bumping them.) Re-entrant; the packs are dropped when the outermost
+    block ends."""
+    global _live
+    outer = _live
+    if outer is None:
+        _live = []
+    try:
+        yield
+    finally:
+        if outer is None:
+            for cache in _live:
+                cache.clear()
+            _live = None
+
+
+def _packs(
+    owner: nn.Module, name: str, weights: list, transposed: bool, dtype: torch.dtype, rows: int
+) -> _Packs:
+    """The packs of cat(weights) (each [out_i, in], or [in, out_i] GPT-2 style when `transposed`);
+    inside `fixed_weights`, made once and cached on `owner`."""
+    key = (dtype, transposed, *(p.data_ptr() for p in weights))
+    cache = owner.__dict__.setdefault("_r1lab_packs", _PackCache()) if _live is not None else None
+    entry = cache.get(name) if cache is not None else None
+    if entry is None or entry.key != key:
+        with torch.no_grad():
+            parts = [p.t() if transposed else p for p in weights]
+            w = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtype).contiguous()
+        entry = _Packs(key, w, rows)
+        if cache is not None:
+            cache[name] = entry
+            _live.append(cache)
+    return entry
+
+
+class _PackedLinearFn(torch.autograd.Function):
+    """x [N, in] (the matmul dtype) -> x @ cat(weights).T + cat(biases), [N, out] in that dtype, with
+    the weights' gradients in their own dtype (fp32) and layout, split back per parameter."""
+
+    @staticmethod
+    def forward(ctx, x, packs: _Packs, n_weights: int, transposed: bool, *params):
+        weights, biases = params[:n_weights], params[n_weights:]
+        b = None
+        if biases:
+            b = (torch.cat(biases) if len(biases) > 1 else biases[0]).to(x.dtype)
+        ctx.save_for_backward(x)
+        ctx.packs, ctx.n_weights, ctx.transposed = packs, n_weights, transposed
+        ctx.splits = [p.shape[1] if transposed else p.shape[0] for p in weights]
+        ctx.has_bias = bool(biases)
+        return torch.ops.mkldnn._linear_pointwise(x, packs.fwd, b, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        g = g.to(x.dtype).contiguous()
+        need = ctx.needs_input_grad
+        gx = torch.ops.mkldnn._linear_pointwise(g, ctx.packs.bwd, None, "none", [], "") if need[0] else None
+        grads: list[torch.Tensor | None] = [None] * (len(need) - 4)
+        if any(need[4 : 4 + ctx.n_weights]):
+            if x.dtype == torch.float32:  # oneDNN wants the reduction dim last in both operands
+                gw = _mm(g.t().contiguous(), x.t().contiguous())  # [out, in]
+            else:
+                gw = g.t() @ x  # [out, in]; bf16 matmuls are oneDNN's already
+            for i, part in enumerate(gw.float().split(ctx.splits)):
+                grads[i] = part.t() if ctx.transposed else part
+        if ctx.has_bias and any(need[4 + ctx.n_weights :]):
+            gb = g.float().sum(0)
+            for j, part in enumerate(gb.split(ctx.splits)):
+                grads[ctx.n_weights + j] = part
+        return (gx, None, None, None, *grads)
+
+
+def packed_linear(
+    x, owner: nn.Module, name: str, weights, biases=(), transposed: bool = False
+) -> torch.Tensor:
+    """`x @ cat(weights).T + cat(biases)` for x [N, in] fp32 or bf16, the matmuls in x's dtype on
+    weights packed once per parameter version (cached on `owner` under `name`)."""
+    packs = _packs(owner, name, list(weights), transposed, x.dtype, x.shape[0])
+    return _PackedLinearFn.apply(x, packs, len(weights), transposed, *weights, *biases)

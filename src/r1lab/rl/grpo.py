@@ -29,7 +29,7 @@ from r1lab.config import R1labError, dump_config
 from r1lab.metrics import RunDir, emergence_stats
 from r1lab.metrics.progress import StepProgress
 from r1lab.modeling import load_model, matmul_params, save_checkpoint, token_logprobs
-from r1lab.modeling.onednn import use_onednn_linears
+from r1lab.modeling.onednn import fixed_weights, use_onednn_linears
 from r1lab.modeling.packing import pack_micro_batches, packed_token_logprobs, packing_supported
 from r1lab.modeling.train_state import (
     load_train_state,
@@ -144,7 +144,7 @@ def completion_logps(
     out: dict[int, torch.Tensor] = {}
     dev = next(model.parameters()).device
     pack = pack and packing_supported(model)
-    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=autocast), fixed_weights():
         for mb in micro_batches(rows, budget, pack):
             ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
             logp, _ = batch_logprobs(model, mb, ids, attn, pack)  # [b, L-1]
@@ -188,31 +188,34 @@ def policy_update(
             minibatch = order[start : start + size]
             total_tokens = float(sum(len(r.ids) - r.prompt_len for r in minibatch))  # before any skip
             trained = [r for r in minibatch if id(r) not in skipped]
-            for mb in micro_batches(trained, rl.micro_batch_tokens, pack):
-                ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
-                adv = torch.tensor([r.advantage for r in mb], device=dev)  # [b]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-                    logp, entropy = batch_logprobs(model, mb, ids, attn, pack)  # [b, L-1]
-                logp = logp.float()
-                old = (
-                    logp.detach() if rl.epochs == 1 else scatter_rows([r.old_logp for r in mb], mask)
-                )  # [b, L-1]
-                loss_tok, clipped = clipped_policy_loss(logp, old, adv, rl.clip_low, rl.clip_high)  # [b, L-1]
-                if ref_model is not None:
-                    kl_tok = kl_penalty(
-                        logp, scatter_rows([r.ref_logp for r in mb], mask), rl.kl_estimator
+            with fixed_weights():  # the weights change only at the optimiser step below
+                for mb in micro_batches(trained, rl.micro_batch_tokens, pack):
+                    ids, attn, mask = (t.to(dev) for t in collate(mb, pad_id))
+                    adv = torch.tensor([r.advantage for r in mb], device=dev)  # [b]
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                        logp, entropy = batch_logprobs(model, mb, ids, attn, pack)  # [b, L-1]
+                    logp = logp.float()
+                    old = (
+                        logp.detach() if rl.epochs == 1 else scatter_rows([r.old_logp for r in mb], mask)
                     )  # [b, L-1]
-                    loss_tok = loss_tok + rl.kl_coef * kl_tok
-                    sums["kl"] += float((kl_tok.detach() * mask).sum())
-                loss = aggregate(
-                    loss_tok, mask, rl.loss_agg, total_tokens, len(minibatch), cfg.sampling.max_tokens
-                )
-                loss.backward()
-                n_tok = float(mask.sum())
-                sums["loss"] += float(loss.detach())
-                sums["entropy"] += masked_mean(entropy.detach().float(), mask) * n_tok
-                sums["clip_frac"] += masked_mean(clipped.float(), mask) * n_tok
-                sums["tokens"] += n_tok
+                    loss_tok, clipped = clipped_policy_loss(
+                        logp, old, adv, rl.clip_low, rl.clip_high
+                    )  # [b, L-1]
+                    if ref_model is not None:
+                        kl_tok = kl_penalty(
+                            logp, scatter_rows([r.ref_logp for r in mb], mask), rl.kl_estimator
+                        )  # [b, L-1]
+                        loss_tok = loss_tok + rl.kl_coef * kl_tok
+                        sums["kl"] += float((kl_tok.detach() * mask).sum())
+                    loss = aggregate(
+                        loss_tok, mask, rl.loss_agg, total_tokens, len(minibatch), cfg.sampling.max_tokens
+                    )
+                    loss.backward()
+                    n_tok = float(mask.sum())
+                    sums["loss"] += float(loss.detach())
+                    sums["entropy"] += masked_mean(entropy.detach().float(), mask) * n_tok
+                    sums["clip_frac"] += masked_mean(clipped.float(), mask) * n_tok
+                    sums["tokens"] += n_tok
             if len(trained) < len(minibatch):
                 zero_missing_grads(model)  # AdamW must step as if the skipped rows had run
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), rl.max_grad_norm)
