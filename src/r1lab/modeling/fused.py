@@ -128,7 +128,9 @@ def supported(model) -> bool:
     if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.bfloat16:
         return False
     try:
-        if _dropout_active(model) or _family(model) is None or not train_kernels.available():
+        if _dropout_active(model) or _family(model) is None or onednn._mkldnn() is None:
+            return False
+        if not train_kernels.available():
             return False
     except AttributeError:  # not a Hugging Face causal LM of these families
         return False
