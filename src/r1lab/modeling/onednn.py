@@ -171,8 +171,9 @@ def use_onednn_linears(model: nn.Module) -> int:
 
 class _Packs:
     """A weight W [out, in] in the matmul dtype, packed by oneDNN for `x @ W.T` (the forward) and,
-    made at the first backward, W.T packed for `g @ W` (the input gradient). Valid for one version
-    of the parameters it was made from (`key`)."""
+    made at the first backward, W.T packed for `g @ W` (the input gradient). Made from the
+    parameters as they were: valid inside one `fixed_weights` block (`key` names the tensors, so a
+    different set of parameters under the same name is packed anew)."""
 
     def __init__(self, key: tuple, w: torch.Tensor, rows: int):
         self.key, self.w, self.rows = key, w, rows
@@ -198,7 +199,7 @@ class _PackCache(dict):
         return (_PackCache, ())
 
 
-_live: list[_PackCache] | None = None  # the caches filled inside the current `fixed_weights` block
+_live: dict[int, _PackCache] | None = None  # the caches filled inside the current `fixed_weights` block
 
 
 @contextmanager
@@ -211,12 +212,12 @@ def fixed_weights():
     global _live
     outer = _live
     if outer is None:
-        _live = []
+        _live = {}
     try:
         yield
     finally:
         if outer is None:
-            for cache in _live:
+            for cache in _live.values():
                 cache.clear()
             _live = None
 
@@ -236,7 +237,7 @@ def _packs(
         entry = _Packs(key, w, rows)
         if cache is not None:
             cache[name] = entry
-            _live.append(cache)
+            _live[id(cache)] = cache
     return entry
 
 
@@ -281,6 +282,6 @@ def packed_linear(
     x, owner: nn.Module, name: str, weights, biases=(), transposed: bool = False
 ) -> torch.Tensor:
     """`x @ cat(weights).T + cat(biases)` for x [N, in] fp32 or bf16, the matmuls in x's dtype on
-    weights packed once per parameter version (cached on `owner` under `name`)."""
+    weights packed once per `fixed_weights` block (cached on `owner` under `name`), else per call."""
     packs = _packs(owner, name, list(weights), transposed, x.dtype, x.shape[0])
     return _PackedLinearFn.apply(x, packs, len(weights), transposed, *weights, *biases)

@@ -10,7 +10,7 @@ on a probe (`packing_supported`); callers fall back to padding where it does not
 `packed_token_logprobs` is `token_logprobs` on the right-padded batch, computed on packed rows and
 returned in the padded layout (`[B, L-1]`, padding 0.0), so every loss built on the padded layout
 stays as it is. Where `fused.supported(model)` (Qwen2, Llama and GPT-2 on CPU, checked against HF's
-logits once per model), the rows run through r1lab's own forward instead (`fused.py`): the same
+logits once per model structure), the rows run through r1lab's own forward instead (`fused.py`): the same
 function, with the matmuls on the unpadded tokens and the elementwise work in C. Measured by benchmarks/train_throughput.py (the GRPO update, 64 rows of 30-90
 tokens, 2 CPU threads): see benchmarks/README.md.
 """
